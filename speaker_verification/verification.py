@@ -1,0 +1,142 @@
+"""init_model(): the WavLM-Large ECAPA-TDNN speaker encoder loaded from the released files.
+
+Nothing is fetched from the network: where the reference pulls WavLM-Large through
+torch.hub, the fine-tuned checkpoint is expected to carry the WavLM weights
+(`feature_extract.model.*`); if it does not, pass a WavLM-Large fairseq/s3prl
+checkpoint ({"cfg": ..., "model": ...}) as `wavlm_checkpoint`.
+"""
+from pathlib import Path
+
+import torch
+
+from .ecapa_tdnn import ECAPA_TDNN, ECAPA_TDNN_SMALL
+from .wavlm import WavLMArgs, parse_conv_feature_layers
+
+MODEL_LIST = ["wavlm_large"]
+WAVLM_PREFIX = "feature_extract.model."
+
+
+def _torch_load(path) -> dict:
+    """torch.load(weights_only=True) of a dict checkpoint; problems become one-line ValueErrors.
+
+    No extra globals are allow-listed: a plain {"model": state_dict, ...} with tensors,
+    OrderedDict and Python scalars/strings/containers needs none. A file holding other
+    objects fails with torch's message, which names the global it would need.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) torch.save format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage input surfaces as many exception types (KeyError, EOFError, ...)
+        raise ValueError(f"{path}: not a loadable torch checkpoint (weights_only=True): {_load_error(e)}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def _load_error(e: Exception) -> str:
+    """The informative line of a torch.load error (for weights_only refusals: the global it met)."""
+    text = str(e).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        line = text.split(marker, 1)[1].strip().splitlines()[0]
+        return line.split(" was not an allowed global")[0]
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _state_dict_of(path, obj: dict) -> dict:
+    state = obj.get("model")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: no 'model' state dict in checkpoint (top-level keys: {sorted(map(str, obj))[:8]})")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: 'model' is not a state dict of tensors (e.g. entry {bad[0]!r})")
+    return state
+
+
+def _check_wavlm_cfg(path, cfg, expected: WavLMArgs) -> None:
+    if cfg is None:
+        return
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: 'cfg' is a {type(cfg).__name__}, expected a dict")
+    try:
+        given = WavLMArgs.from_cfg(cfg)
+        same_conv = parse_conv_feature_layers(given.conv_feature_layers) == parse_conv_feature_layers(
+            expected.conv_feature_layers)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path}: unreadable WavLM cfg: {e}") from None
+    diffs = [f"{k}={getattr(given, k)!r} (expected {getattr(expected, k)!r})"
+             for k in expected.__dataclass_fields__
+             if k in cfg and k != "conv_feature_layers" and getattr(given, k) != getattr(expected, k)]
+    if not same_conv:
+        diffs.append(f"conv_feature_layers={given.conv_feature_layers!r} (expected {expected.conv_feature_layers!r})")
+    if diffs:
+        raise ValueError(f"{path}: WavLM cfg does not match the speaker encoder: " + "; ".join(diffs))
+
+
+def load_speaker_encoder(model: ECAPA_TDNN, checkpoint, wavlm_checkpoint=None) -> ECAPA_TDNN:
+    """Strictly load a fine-tuned speaker checkpoint ({"model": state_dict}) into `model`.
+
+    `model` may live on the meta device: tensors are assigned, not copied (float tensors are
+    cast to float32 first). WavLM weights missing from `checkpoint` are taken from
+    `wavlm_checkpoint`; BatchNorm `num_batches_tracked` counters missing from an old-format
+    file are set to 0 (they do not affect inference). Every other key must match exactly.
+    `wavlm_checkpoint` is read only when `checkpoint` lacks WavLM entries.
+    """
+    state = dict(_state_dict_of(checkpoint, _torch_load(checkpoint)))
+    expected = model.state_dict(keep_vars=True)
+    wavlm_keys = [k for k in expected if k.startswith(WAVLM_PREFIX)]
+    missing_wavlm = [k for k in wavlm_keys if k not in state]
+    if missing_wavlm:
+        if wavlm_checkpoint is None:
+            raise ValueError(
+                f"{checkpoint}: the speaker checkpoint does not contain the WavLM weights "
+                f"({len(missing_wavlm)} of {len(wavlm_keys)} '{WAVLM_PREFIX}*' entries missing); pass a "
+                "WavLM-Large fairseq/s3prl checkpoint (WavLM-Large.pt) with wavlm_checkpoint=PATH")
+        wavlm_obj = _torch_load(wavlm_checkpoint)
+        _check_wavlm_cfg(wavlm_checkpoint, wavlm_obj.get("cfg"), model.feature_extract.args)
+        wavlm_state = _state_dict_of(wavlm_checkpoint, wavlm_obj)
+        for key, value in wavlm_state.items():
+            state.setdefault(WAVLM_PREFIX + key, value)
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros((), dtype=torch.long)
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            state[key] = value.float()
+    shape_errors = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                    for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected or shape_errors:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shape_errors:
+            parts.append(f"{len(shape_errors)} shape mismatches (e.g. {shape_errors[:3]})")
+        source = checkpoint if wavlm_checkpoint is None else f"{checkpoint} (+ {wavlm_checkpoint})"
+        raise ValueError(f"{source}: state dict does not match the speaker encoder: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def init_model(model_name: str, checkpoint=None, wavlm_checkpoint=None) -> ECAPA_TDNN:
+    """The speaker encoder (eval mode): `model(wav_16k (B, T)) -> (B, 256)`.
+
+    With `checkpoint=None` the weights are randomly initialised (as the reference does).
+    """
+    if model_name not in MODEL_LIST:
+        raise ValueError(f"Unsupported model_name {model_name!r}; expected one of {MODEL_LIST}")
+    if checkpoint is None:
+        return ECAPA_TDNN_SMALL(feat_dim=1024, feat_type="wavlm_large").eval()
+    with torch.device("meta"):  # weights come from the files: build without allocating them
+        model = ECAPA_TDNN_SMALL(feat_dim=1024, feat_type="wavlm_large")
+    return load_speaker_encoder(model, checkpoint, wavlm_checkpoint).eval()
