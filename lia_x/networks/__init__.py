@@ -1,0 +1,1 @@
+"""LIA-X networks: `from lia_x.networks.generator import Generator`."""
