@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Speed and memory of each stage, printed as a table. Random weights at full size: timings do
+not depend on the values (except how many patches the random stop head lets through, so the
+LLM is reported per patch).
+
+    python bench.py                          # every stage except the full-size LIA-X render
+    python bench.py --stages liax            # LIA-X at 512x512 (about 3-6 min on 2 CPU cores)
+    python bench.py --device cuda --stages llm vae spk liax
+
+Each stage runs in a fresh process, so "peak RSS" is that stage's own high-water mark (it includes
+the ~0.4 GB of the imported libraries); on CUDA the peak allocated GPU memory is reported too.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+STAGES = ("llm_tiny", "llm", "vae", "spk", "liax")
+DEFAULT_STAGES = ("llm_tiny", "llm", "vae", "spk")
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _llm_rows(model, device, label):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.llm.config.vocab_size - 1, (1, 40), generator=g).to(device)
+    ref_speech = torch.randn(125, 32, generator=g).to(device)  # 5 s of reference latents
+    ref_motion = torch.randn(124, 40, generator=g).to(device)
+    speaker = torch.randn(1, 256, generator=g).to(device)
+    torch.manual_seed(0)
+    run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, min_patches=10**6)  # noqa: E731
+    model.generate(ids, 30, ref_speech, speaker, ref_motion, extra_patches=-28)  # warm-up (few patches)
+    out, seconds = _timed(run, device)
+    return [dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop)",
+                 value=f"{seconds / out.n_patches * 1000:.1f} ms/patch",
+                 note=f"{out.n_patches * 0.16 / seconds:.2f}x real time")]
+
+
+def stage_llm_tiny(device, args):
+    import torch
+    from speech_llm import SpeechLLM, tiny_model_args_and_config
+    torch.manual_seed(0)
+    model = SpeechLLM(*tiny_model_args_and_config()).to(device).eval()
+    return _llm_rows(model, device, "llm (tiny)")
+
+
+def stage_llm(device, args):
+    import torch
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    torch.manual_seed(0)
+    (model, seconds) = _timed(lambda: SpeechLLM(released_model_args(), qwen3_0_6b_config()), device)
+    if device.type == "cuda":
+        model.llm.to(torch.bfloat16)  # as from_pretrained does on CUDA
+    model = model.to(device).eval()
+    n = sum(p.numel() for p in model.parameters())
+    rows = [dict(stage="llm (full)", what=f"build, {n / 1e6:.0f} M params (random init)",
+                 value=f"{seconds:.1f} s", note="")]
+    return rows + _llm_rows(model, device, "llm (full)")
+
+
+def stage_vae(device, args):
+    import torch
+    from whisperx_vae import WhisperXVAE, assumed_release_cfg
+    from audio import log_mel_spectrogram, resample
+    torch.manual_seed(0)
+    model = WhisperXVAE(assumed_release_cfg()).to(device).eval()
+    wav_24k = 0.1 * torch.randn(1, 1, 24000 * 5)
+    mel = log_mel_spectrogram(resample(wav_24k[0, 0], 24000, 16000))[None, None]
+    wav_24k, mel = wav_24k.to(device), mel.to(device)
+    with torch.no_grad():
+        latent, t_enc = _timed(lambda: model.encode(wav_24k, mel, "btc"), device)
+        _, t_dec = _timed(lambda: model.decode(latent, "btc"), device)
+    return [dict(stage="whisperx-vae", what="encode 5 s (Whisper large-v3 encoder on 30 s mel)",
+                 value=f"{t_enc:.2f} s", note="assumed release codec config"),
+            dict(stage="whisperx-vae", what="decode 5 s", value=f"{t_dec:.2f} s",
+                 note=f"{5 / t_dec:.1f}x real time")]
+
+
+def stage_spk(device, args):
+    import torch
+    from speaker_verification import init_model
+    torch.manual_seed(0)
+    model = init_model("wavlm_large").to(device).eval()
+    wav = 0.1 * torch.randn(1, 16000 * 5, device=device)
+    with torch.no_grad():
+        _, seconds = _timed(lambda: model(wav), device)
+    return [dict(stage="speaker encoder", what="WavLM-Large + ECAPA, 5 s", value=f"{seconds:.2f} s", note="")]
+
+
+def stage_liax(device, args):
+    import torch
+    from lia_x import RELEASE_CONFIG, Generator
+    from lia_x.render import time_render
+    torch.manual_seed(0)
+    generator = Generator(**RELEASE_CONFIG).to(device).eval().requires_grad_(False)
+    rows = []
+    for dtype, batch in ((torch.float32, 1), (torch.float32, args.liax_batch), (torch.bfloat16, args.liax_batch)):
+        r = time_render(generator, n_frames=max(batch, args.liax_frames), batch_size=batch, dtype=dtype)
+        rows.append(dict(stage="lia-x 512x512", what=f"render, batch {batch}, {str(dtype)[6:]}",
+                         value=f"{r['per_frame_s']:.2f} s/frame", note=f"encoder once: {r['encoder_s']:.1f} s"))
+    return rows
+
+
+def run_stage(name, device_name, args):
+    import torch
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device(device_name)
+    rows = globals()[f"stage_{name}"](device, args)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    for r in rows:
+        r["memory"] = f"RSS peak {peak_mb / 1024:.2f} GiB{gpu}"
+    print("BENCH_JSON " + json.dumps(rows))
+
+
+def print_table(rows):
+    cols = ("stage", "what", "value", "note", "memory")
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print(" | ".join(c.ljust(widths[c]) for c in cols))
+    print("-+-".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--liax-frames", type=int, default=2, help="frames timed per LIA-X setting")
+    ap.add_argument("--liax-batch", type=int, default=2, help="batch size of the batched LIA-X runs")
+    ap.add_argument("--_stage", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._stage:
+        return run_stage(args._stage, args.device, args)
+
+    import torch
+    print(f"torch {torch.__version__}, device {args.device}, "
+          f"threads {args.threads or torch.get_num_threads()}, cpus {os.cpu_count()}")
+    rows = []
+    for name in args.stages:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_stage", name] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+        if proc.returncode or not lines:
+            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append(dict(stage=name, what="FAILED", value="", note=err[:120], memory=""))
+        else:
+            rows += json.loads(lines[-1][len("BENCH_JSON "):])
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""infer.py: the command line over the pipeline (tiny demo models; in-process main() and real subprocesses)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import infer
+import video_io
+import weights
+
+REPO = Path(__file__).resolve().parents[1]
+FRAME_S = 1 / 25
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def shared_demo_pipeline(monkeypatch):
+    """Build the demo models once for all in-process CLI runs (TalkerPipeline.demo is deterministic)."""
+    from pipeline import TalkerPipeline
+
+    if not hasattr(shared_demo_pipeline, "pipe"):
+        shared_demo_pipeline.pipe = TalkerPipeline.demo(verbose=False)
+    real_demo = TalkerPipeline.demo.__func__
+
+    def demo(cls, *args, **kwargs):
+        if kwargs.get("render_dtype", torch.float32) != torch.float32 or kwargs.get("render_batch_size"):
+            return real_demo(cls, *args, **kwargs)
+        if kwargs.get("verbose", True):
+            print("*** DEMO: tiny RANDOMLY INITIALISED models ***")
+        return shared_demo_pipeline.pipe
+
+    monkeypatch.setattr(TalkerPipeline, "demo", classmethod(demo))
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for var in weights.ENV_VARS.values():
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+def _probe_ok(path, n_frames=None):
+    info = video_io.probe(path)
+    assert (info["video_codec"], info["pix_fmt"], info["audio_codec"]) == ("h264", "yuv420p", "aac")
+    assert info["fps"] == 25 and info["faststart"] is True
+    assert abs(info["video_duration"] - info["n_frames"] * FRAME_S) < 1e-6
+    assert abs(info["audio_duration"] - info["video_duration"]) <= FRAME_S
+    if n_frames is not None:
+        assert info["n_frames"] == n_frames
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def test_demo_from_a_fresh_directory(tmp_path):
+    """`python infer.py --demo` as a user runs it: another working directory, no weights, no network."""
+    res = subprocess.run([sys.executable, str(REPO / "infer.py"), "--demo"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub")))
+    assert res.returncode == 0, res.stderr
+    assert "RANDOMLY INITIALISED" in res.stdout
+    assert "[talker] t2av:" in res.stdout and "total" in res.stdout
+    n_frames = int(res.stdout.split(" frames (")[0].rsplit(" ", 1)[1])
+    _probe_ok(tmp_path / "output.mp4", n_frames)
+    data, sr = sf.read(tmp_path / "output.wav")
+    assert sr == 24000 and abs(len(data) / sr - n_frames * FRAME_S) < 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hub") == ["output.mp4", "output.wav"]
+
+
+@pytest.mark.parametrize("mode,extra,files", [
+    ("t2av", ["--text", "Hello there.", "--save-latents", "--trim-prefix"],
+     ["o.latents.safetensors", "o.mp4", "o.wav"]),
+    ("a2v", ["--audio", str(REPO / "samples" / "reference_voice.wav")], ["o.mp4", "o.wav"]),
+    ("v2a", ["--video", str(REPO / "samples" / "reference_face.mp4"), "--text", "Dub this."], ["o.mp4", "o.wav"]),
+    ("tts", ["--text", "Speech only."], ["o.wav"]),
+])
+def test_every_mode(tmp_path, capsys, mode, extra, files):
+    rc = infer.main(["--demo", "--quiet", "--mode", mode, "--output", str(tmp_path / "o.mp4"), *extra])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"[talker] {mode}:" in out.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+    if "o.mp4" in files:
+        _probe_ok(tmp_path / "o.mp4")
+
+
+def test_sampling_flags_seed_and_device(tmp_path, capsys):
+    common = ["--demo", "--quiet", "--device", "cpu", "--cfm-steps", "4", "--cfm-temperature", "0.7",
+              "--cfm-cfg", "1.5", "--gt-prefix-seconds", "0.3", "--fps", "25", "--llm-name", "Qwen/Qwen3-0.6B",
+              "--max-seconds", "5",
+              "--mode", "tts"]
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        assert infer.main([*common, "--seed", seed, "--output", str(tmp_path / f"{name}.wav")]) == 0
+    a, b, c = (sf.read(tmp_path / f"{n}.wav")[0] for n in "abc")
+    assert np.array_equal(a, b)
+    assert len(a) != len(c) or not np.array_equal(a, c)
+    capsys.readouterr()
+
+
+def test_render_flags_and_reference_motion_file(tmp_path, capsys):
+    ref_motion = REPO.parent / "shared" / "reference_samples" / "reference_motion.pt"  # (125, 40) float16
+    if not ref_motion.exists():
+        ref_motion = tmp_path / "m.pt"
+        torch.save((0.05 * torch.randn(60, 40)).half(), ref_motion)
+    rc = infer.main(["--demo", "--quiet", "--render-dtype", "bfloat16", "--render-batch-size", "3",
+                     "--ref-motion", str(ref_motion), "--output", str(tmp_path / "r.mp4")])
+    assert rc == 0, capsys.readouterr().err
+    _probe_ok(tmp_path / "r.mp4")
+
+
+def test_licences(capsys):
+    assert infer.main(["--licences"]) == 0
+    assert "CC BY-NC 4.0" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- batch files
+
+def _write_batch(path, outdir, n=3, extra_lines=()):
+    lines = [json.dumps({"text": f"Request number {i}.", "output": str(outdir / f"req{i}.mp4"),
+                         "mode": "tts" if i == 1 else "t2av"}) for i in range(n)]
+    path.write_text("\n".join(["# a comment", *lines, "", *extra_lines]) + "\n")
+
+
+def test_batch_file(tmp_path, capsys):
+    _write_batch(tmp_path / "p.jsonl", tmp_path)
+    rc = infer.main(["--demo", "--quiet", "--batch-file", str(tmp_path / "p.jsonl")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "p.jsonl", "req0.mp4", "req0.wav", "req1.wav", "req2.mp4", "req2.wav"]
+    assert out.out.count("[talker] wrote") == 3
+
+
+def test_bundled_example_batch_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its outputs are relative: outputs/batch_<i>.mp4
+    rc = infer.main(["--demo", "--quiet", "--mode", "tts", "--batch-file", str(REPO / "samples" / "prompts.jsonl")])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in (REPO / "samples" / "prompts.jsonl").read_text().splitlines() if x.strip()]
+    for req in lines:
+        assert (tmp_path / req["output"]).with_suffix(".wav").exists()
+
+
+def test_batch_file_default_outputs_and_failed_lines(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "One.", "mode": "tts"}) + "\n" +
+                                      json.dumps({"text": "", "mode": "tts"}) + "\n")
+    rc = infer.main(["--demo", "--quiet", "--batch-file", str(tmp_path / "p.jsonl"),
+                     "--output", str(tmp_path / "run.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{tmp_path / 'p.jsonl'}:2: --text: empty text" in err
+    assert (tmp_path / "run_0000.wav").exists() and not (tmp_path / "run_0001.wav").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"text": "ok"}\n{not json}\n', ":2: not valid JSON"),
+    ('{"txt": "typo"}\n', ":1: unknown keys ['txt']"),
+    ('["a list"]\n', ":1: expected a JSON object"),
+    ("\n# only comments\n", "no requests"),
+    ('{"cfm_steps": "many"}\n', ":1: cfm_steps must be a number"),
+    ('{"text": 5}\n', ":1: text must be a string"),
+])
+def test_bad_batch_files(tmp_path, capsys, content, needle):
+    (tmp_path / "p.jsonl").write_text(content)
+    assert infer.main(["--demo", "--batch-file", str(tmp_path / "p.jsonl")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and str(tmp_path / "p.jsonl") in err and "\n" not in err
+
+
+def test_batch_file_under_torchrun(tmp_path):
+    """Two ranks split one file: every request is written exactly once."""
+    _write_batch(tmp_path / "p.jsonl", tmp_path, n=5)
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "infer.py"), "--demo", "--quiet", "--batch-file", str(tmp_path / "p.jsonl")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = {f"req{i}.wav" for i in range(5)} | {f"req{i}.mp4" for i in (0, 2, 3, 4)}
+    assert {p.name for p in tmp_path.iterdir()} - {"p.jsonl"} == expected
+    written = [line for line in res.stdout.splitlines() if "[talker] wrote" in line]
+    assert len(written) == 5
+    assert sorted(line.split(":")[1] for line in written) == sorted(str(n) for n in (2, 3, 4, 5, 6))  # line numbers
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def _cli_bad_cases(tmp):
+    import test_pipeline
+
+    cases = []
+    for name, kwargs, needle in test_pipeline._bad_cases(tmp):
+        argv = []
+        for key, value in kwargs.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        cases.append((name, argv, needle))
+    return cases
+
+
+def test_bad_inputs_one_line_and_nonzero_exit(tmp_path, capsys):
+    cases = _cli_bad_cases(tmp_path) + [
+        ("batch file missing", ["--batch-file", str(tmp_path / "none.jsonl")], "none.jsonl"),
+        ("render batch", ["--render-batch-size", "0"], "--render-batch-size"),
+    ]
+    for name, argv, needle in cases:
+        if name == "mode":
+            continue  # argparse rejects it (exit 2, usage line), see below
+        rc = infer.main(["--demo", "--quiet", "--output", str(tmp_path / "x.mp4"), *argv])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1, (name, err)
+        assert err.startswith("infer.py: error: ") and needle in err and "\n" not in err, (name, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()
+    with pytest.raises(SystemExit) as info:
+        infer.main(["--mode", "t2v"])
+    assert info.value.code == 2
+
+
+def test_missing_weights_is_one_clear_message(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "infer.py"), "--output", str(tmp_path / "o.mp4")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub")))
+    assert res.returncode == 1
+    err = res.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    for needle in ("weights not found", "CHECKPOINT_DIR", "--download", "--demo"):
+        assert needle in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_dtype_bfloat16_on_cpu_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)
+    rc = infer.main(["--dtype", "bfloat16", "--device", "cpu", "--output", str(tmp_path / "x.mp4")])
+    assert rc == 1 and "--dtype bfloat16" in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
+    from lia_x import render as liax_render
+    real = liax_render.render_frames
+
+    def interrupted(*args, **kwargs):
+        it = real(*args, **kwargs)
+        yield next(it)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(liax_render, "render_frames", interrupted)
+    assert infer.main(["--demo", "--quiet", "--output", str(tmp_path / "o.mp4")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- weights flags
+
+from test_weights import demo_pipe, no_env, release_dir, tiny_loaders  # noqa: E402,F401  (shared fixtures)
+
+
+def test_weight_flags_and_env_vars(release_dir, tiny_loaders, no_env, tmp_path, capsys, monkeypatch):  # noqa: F811
+    rd = release_dir
+    rc = infer.main(["--checkpoint-dir", str(rd / "talker-t2av"), "--whisperx-vae-ckpt",
+                     str(rd / "whisperx-vae" / "model.ckpt"), "--liax-ckpt", str(rd / "lia-x.pt"),
+                     "--wavlm-ckpt", str(rd / "wavlm_large_finetune.pth"), "--dtype", "float32",
+                     "--device", "cpu", "--quiet", "--output", str(tmp_path / "flags.mp4")])
+    assert rc == 0, capsys.readouterr().err
+    _probe_ok(tmp_path / "flags.mp4")
+    # the reference's environment variables; the VAE is found beside the checkpoint folder
+    monkeypatch.setenv("CHECKPOINT_DIR", str(rd / "talker-t2av"))
+    monkeypatch.setenv("LIAX_CKPT", str(rd / "lia-x.pt"))
+    monkeypatch.setenv("WAVLM_CKPT", str(rd / "wavlm_large_finetune.pth"))
+    torch.save((0.05 * torch.randn(30, 40)), tmp_path / "drive.pt")
+    rc = infer.main(["--mode", "v2a", "--motion", str(tmp_path / "drive.pt"), "--text", "Moving.", "--quiet",
+                     "--output", str(tmp_path / "env.mp4")])
+    assert rc == 0, capsys.readouterr().err
+    _probe_ok(tmp_path / "env.mp4", n_frames=30)
+    # a checkpoint of the wrong kind: one line naming the file
+    monkeypatch.setenv("WHISPERVAE_CKPT", str(rd / "lia-x.pt"))
+    assert infer.main(["--quiet", "--output", str(tmp_path / "bad.mp4")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(rd / "lia-x.pt") in err and "\n" not in err and not (tmp_path / "bad.mp4").exists()
+
+
+def test_download_flag(release_dir, tiny_loaders, no_env, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return str(release_dir / "wavlm_large_finetune.pth")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    rc = infer.main(["--mode", "tts", "--download", "--checkpoint-dir", str(release_dir / "talker-t2av"),
+                     "--wavlm-repo", "someone/mirror", "--wavlm-filename", "spk.pth", "--quiet",
+                     "--output", str(tmp_path / "dl.wav")])
+    assert rc == 0, capsys.readouterr().err
+    assert calls == [("someone/mirror", "spk.pth")] and (tmp_path / "dl.wav").exists()

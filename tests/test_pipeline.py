@@ -1,0 +1,286 @@
+"""TalkerPipeline on the tiny random demo models: every mode, seeding, outputs, atomic writes, bad inputs."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import REFERENCE_SAMPLES
+
+import video_io
+from motion_stats import MOTION_MEAN, MOTION_STD, denormalize_motion, normalize_motion
+from pipeline import (DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, MAX_FRAMES, SAMPLES_PER_FRAME, TalkerPipeline,
+                      demo_tokenizer, load_motion_file)
+
+FRAME_S = 1 / 25
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny models gain nothing from intra-op threads and lose a lot when another process holds a core
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return TalkerPipeline.demo(verbose=False)
+
+
+def _gen(pipe, **kw):
+    kw.setdefault("progress", False)
+    return pipe.generate(**kw)
+
+
+# ---------------------------------------------------------------------------------------------- motion stats
+
+def test_motion_stats_match_released_npy():
+    mean_path, std_path = REFERENCE_SAMPLES / "motion_mean.npy", REFERENCE_SAMPLES / "motion_std.npy"
+    if not mean_path.exists():
+        pytest.skip("reference samples not available")
+    assert np.array_equal(np.asarray(MOTION_MEAN, np.float32), np.load(mean_path))
+    assert np.array_equal(np.asarray(MOTION_STD, np.float32), np.load(std_path))
+    raw = torch.randn(7, 40)
+    expected = (raw.numpy() - np.load(mean_path)) / np.clip(np.load(std_path), 1e-6, None)
+    assert np.allclose(normalize_motion(raw).numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(denormalize_motion(normalize_motion(raw)), raw, atol=1e-6)
+
+
+def test_demo_tokenizer_is_small_and_has_the_placeholders():
+    tok = demo_tokenizer()
+    assert len(tok) < 512
+    ids = tok.apply_chat_template([{"role": "user", "content": "hé"}, {"role": "assistant",
+                                   "content": "<SPEECH_FRAME>" * 3}], tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert ids.count(tok.convert_tokens_to_ids("<SPEECH_FRAME>")) == 3
+    assert tok.decode(ids).startswith("<|im_start|>user\nhé<|im_end|>")
+
+
+# ---------------------------------------------------------------------------------------------- modes
+
+def test_t2av(pipe):
+    r = _gen(pipe, mode="t2av", text="Hello there.")
+    assert r.motion_raw.shape[1] == 40 and torch.isfinite(r.motion_raw).all()
+    # output = reference prefix (0.5 s -> 12 frames) + generated patches, audio and motion aligned
+    assert r.prefix_frames == 12
+    assert r.motion_raw.shape[0] == 12 + 4 * r.n_patches
+    assert r.audio_24k.numel() == r.motion_raw.shape[0] * SAMPLES_PER_FRAME
+    assert r.speech_latents.shape == (r.motion_raw.shape[0], 32)
+    assert r.stopped_by in ("stop_head", "length_cap")
+    if r.stopped_by == "stop_head":  # p_stop >= 0.5 three times in a row, checked from patch 7 on
+        assert r.n_patches >= 9
+
+
+def test_t2av_trim_prefix(pipe):
+    full = _gen(pipe, mode="t2av", seed=3)
+    trimmed = _gen(pipe, mode="t2av", seed=3, trim_prefix=True)
+    assert trimmed.prefix_frames == 0
+    assert trimmed.motion_raw.shape[0] == full.motion_raw.shape[0] - full.prefix_frames
+    assert torch.equal(trimmed.audio_24k, full.audio_24k[full.prefix_frames * SAMPLES_PER_FRAME:])
+
+
+def test_t2av_without_prefix(pipe):
+    r = _gen(pipe, mode="t2av", gt_prefix_seconds=0)
+    assert r.prefix_frames == 0 and r.motion_raw.shape[0] == 4 * r.n_patches
+
+
+def test_a2v_teacher_forces_the_input_audio(pipe):
+    r = _gen(pipe, mode="a2v", audio=DEFAULT_REF_AUDIO)
+    data, sr = sf.read(DEFAULT_REF_AUDIO, dtype="float32")
+    assert sr == 24000
+    assert np.array_equal(r.audio_24k.numpy(), data)  # the output carries the input audio unchanged
+    n_frames = int(len(data) / sr * 25)
+    assert r.motion_raw.shape == (n_frames, 40)
+    assert r.stopped_by == "given_length" and r.n_patches == math.ceil(n_frames / 4)
+    assert r.text == ""  # a2v defaults to no transcript
+
+
+def test_v2a_teacher_forces_the_video_motion(pipe):
+    r = _gen(pipe, mode="v2a", video=DEFAULT_REF_VIDEO, text="Some words.")
+    frames, _ = video_io.read_frames(DEFAULT_REF_VIDEO)
+    assert r.motion_raw.shape == (len(frames), 40)
+    from lia_x.render import extract_motion
+    assert torch.allclose(r.motion_raw, extract_motion(pipe.generator, frames), atol=1e-6)
+    assert r.audio_24k.numel() == len(frames) * SAMPLES_PER_FRAME
+    assert r.stopped_by == "given_length" and r.n_patches == math.ceil(len(frames) / 4)
+
+
+def test_v2a_from_motion_file_renders_it(pipe, tmp_path):
+    motion = 0.05 * torch.randn(37, 40)
+    torch.save(motion.half(), tmp_path / "m.pt")
+    r = _gen(pipe, mode="v2a", motion=tmp_path / "m.pt", output=tmp_path / "o.mp4")
+    assert torch.equal(r.motion_raw, motion.half().float())
+    info = video_io.probe(r.video_path)
+    assert info["n_frames"] == 37 and abs(info["audio_duration"] - 37 * FRAME_S) <= FRAME_S
+
+
+def test_tts(pipe, tmp_path):
+    r = _gen(pipe, mode="tts", text="Only speech.", output=tmp_path / "speech.mp4")
+    assert r.motion_raw is None and r.generated_motion_norm is None and r.video_path is None
+    assert r.audio_24k.numel() == r.speech_latents.shape[0] * SAMPLES_PER_FRAME
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
+    data, sr = sf.read(tmp_path / "speech.wav", dtype="float32")
+    assert sr == 24000 and np.allclose(data, r.audio_24k.numpy())
+
+
+def test_stereo_and_other_sample_rates_are_accepted(pipe, tmp_path):
+    t = np.arange(int(44100 * 1.5)) / 44100
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], 1)
+    sf.write(tmp_path / "voice.flac", stereo, 44100)
+    r = _gen(pipe, mode="tts", ref_audio=tmp_path / "voice.flac", text="Hi.")
+    assert r.audio_24k.numel() > 0
+    r = _gen(pipe, mode="a2v", audio=tmp_path / "voice.flac")
+    assert r.audio_24k.numel() == int(1.5 * 24000) and r.motion_raw.shape[0] == int(1.5 * 25)
+
+
+# ---------------------------------------------------------------------------------------------- seeding
+
+def test_same_seed_same_output_other_seed_differs(pipe):
+    a = _gen(pipe, mode="t2av", seed=11, text="Seeded.")
+    b = _gen(pipe, mode="t2av", seed=11, text="Seeded.")
+    c = _gen(pipe, mode="t2av", seed=12, text="Seeded.")
+    assert torch.equal(a.audio_24k, b.audio_24k) and torch.equal(a.motion_raw, b.motion_raw)
+    n = min(a.motion_raw.shape[0], c.motion_raw.shape[0])
+    assert not torch.equal(a.motion_raw[12:n], c.motion_raw[12:n])
+
+
+def test_partial_reference_motion_extraction_is_exact(pipe, tmp_path):
+    """Only the prefix rows of the reference motion are extracted; the result equals using all rows."""
+    frames, _ = video_io.read_frames(DEFAULT_REF_VIDEO)
+    from lia_x.render import extract_motion
+    torch.save(extract_motion(pipe.generator, frames), tmp_path / "full.pt")
+    a = _gen(pipe, mode="t2av", seed=5, ref_motion=tmp_path / "full.pt")
+    b = _gen(pipe, mode="t2av", seed=5)
+    assert torch.equal(a.audio_24k, b.audio_24k) and torch.allclose(a.motion_raw, b.motion_raw, atol=1e-6)
+    assert pipe.reference_motion(ref_video=DEFAULT_REF_VIDEO, n_needed=12, progress=False).shape == (len(frames), 40)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def test_outputs_mp4_wav_latents(pipe, tmp_path):
+    r = _gen(pipe, mode="t2av", output=tmp_path / "sub" / "clip.mp4", save_latents=True)
+    info = video_io.probe(r.video_path)
+    assert (info["video_codec"], info["pix_fmt"], info["audio_codec"]) == ("h264", "yuv420p", "aac")
+    assert info["fps"] == 25 and info["faststart"] is True
+    assert info["n_frames"] == r.motion_raw.shape[0]
+    assert abs(info["video_duration"] - info["audio_duration"]) <= FRAME_S
+    assert abs(info["video_duration"] - r.n_frames * FRAME_S) < 1e-6
+    data, sr = sf.read(r.wav_path, dtype="float32")
+    assert sr == 24000 and np.allclose(data, r.audio_24k.numpy())
+    from safetensors import safe_open
+    with safe_open(r.latents_path, "pt") as f:
+        assert torch.equal(f.get_tensor("speech_latents"), r.speech_latents)
+        assert torch.equal(f.get_tensor("motion_raw"), r.motion_raw)
+        assert f.metadata()["mode"] == "t2av" and f.metadata()["stopped_by"] == r.stopped_by
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == [
+        "clip.latents.safetensors", "clip.mp4", "clip.wav"]
+
+
+def test_a2v_and_v2a_files(pipe, tmp_path):
+    r = _gen(pipe, mode="a2v", output=tmp_path / "a2v.mp4")
+    info = video_io.probe(r.video_path)
+    assert info["n_frames"] == r.motion_raw.shape[0]
+    assert abs(info["audio_duration"] - info["video_duration"]) <= FRAME_S
+    r = _gen(pipe, mode="v2a", video=DEFAULT_REF_VIDEO, output=tmp_path / "v2a.mp4")
+    src, out = video_io.read_frames(DEFAULT_REF_VIDEO)[0], video_io.read_frames(r.video_path)[0]
+    assert np.array_equal(src, out)  # the input video's own frames, stream copied
+    info = video_io.probe(r.video_path)
+    assert info["audio_codec"] == "aac" and abs(info["audio_duration"] - info["video_duration"]) <= FRAME_S
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("exc", [_Boom, KeyboardInterrupt])
+def test_failure_mid_render_leaves_no_file(pipe, tmp_path, monkeypatch, exc):
+    from lia_x import render as liax_render
+    real = liax_render.render_frames
+
+    def failing(*args, **kwargs):
+        it = real(*args, **kwargs)
+        yield next(it)
+        raise exc("simulated failure while rendering")
+
+    monkeypatch.setattr(liax_render, "render_frames", failing)
+    with pytest.raises(exc):
+        _gen(pipe, mode="t2av", output=tmp_path / "out.mp4", save_latents=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _silent_wav(path, seconds=1.0):
+    sf.write(path, np.zeros(int(16000 * seconds), np.float32), 16000)
+
+
+def _tone(path, seconds, sr=16000):
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), sr)
+
+
+def _bad_cases(tmp: Path):
+    (tmp / "notes.txt").write_text("this is not audio")
+    _silent_wav(tmp / "silent.wav")
+    _tone(tmp / "long.wav", 31)
+    _tone(tmp / "short.wav", 0.05)
+    (tmp / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64)
+    torch.save(torch.zeros(10, 39), tmp / "shape.pt")
+    nan = torch.zeros(10, 40)
+    nan[3, 5] = float("nan")
+    torch.save(nan, tmp / "nan.pt")
+    torch.save({"motion": torch.zeros(4, 40)}, tmp / "dict.pt")
+    torch.save(torch.zeros(MAX_FRAMES + 1, 40), tmp / "long_motion.pt")
+    return [
+        ("missing ref audio", dict(ref_audio=tmp / "nope.wav"), "nope.wav"),
+        ("not audio", dict(ref_audio=tmp / "notes.txt"), "notes.txt"),
+        ("silent", dict(ref_audio=tmp / "silent.wav"), "silent.wav"),
+        ("ref audio over 30 s", dict(ref_audio=tmp / "long.wav"), "long.wav"),
+        ("a2v audio over 30 s", dict(mode="a2v", audio=tmp / "long.wav"), "long.wav"),
+        ("a2v audio silent", dict(mode="a2v", audio=tmp / "silent.wav"), "silent.wav"),
+        ("too short", dict(mode="a2v", audio=tmp / "short.wav"), "short.wav"),
+        ("empty text", dict(text="   "), "--text"),
+        ("text too long", dict(text="word " * 400), "--text"),
+        ("video without frames", dict(ref_video=tmp / "silent.wav"), "silent.wav"),
+        ("broken video", dict(mode="v2a", video=tmp / "broken.mp4"), "broken.mp4"),
+        ("missing video", dict(mode="v2a", video=tmp / "gone.mp4"), "gone.mp4"),
+        ("motion wrong shape", dict(ref_motion=tmp / "shape.pt"), "shape.pt"),
+        ("motion with NaN", dict(ref_motion=tmp / "nan.pt"), "nan.pt"),
+        ("motion not a tensor", dict(mode="v2a", motion=tmp / "dict.pt"), "dict.pt"),
+        ("motion not a torch file", dict(ref_motion=tmp / "notes.txt"), "notes.txt"),
+        ("motion over 30 s", dict(mode="v2a", motion=tmp / "long_motion.pt"), "long_motion.pt"),
+        ("fps", dict(fps=30), "--fps"),
+        ("mode", dict(mode="t2v"), "--mode"),
+        ("output", dict(output=tmp / "out.avi"), "out.avi"),
+    ]
+
+
+def test_bad_inputs_raise_one_line_naming_the_file(pipe, tmp_path):
+    for name, kwargs, needle in _bad_cases(tmp_path):
+        with pytest.raises((ValueError, FileNotFoundError)) as info:
+            _gen(pipe, **kwargs)
+        message = str(info.value)
+        assert needle in message, (name, message)
+        assert "\n" not in message.strip(), (name, message)
+
+
+def test_length_cap_max_seconds_and_warning():
+    never_stops = TalkerPipeline.demo(verbose=False)
+    with torch.no_grad():  # p_stop = sigmoid(-64 * silu(1)) ~ 0
+        head = never_stops.llm.head_stop
+        head.proj.weight.zero_()
+        head.proj.bias.fill_(1.0)
+        head.head.weight.fill_(-1.0)
+    r = _gen(never_stops, mode="t2av")
+    # the released cap: patches of the reference clip (voice 121 frames -> 31 patches) - prefix (3) + 15
+    assert (r.stopped_by, r.n_patches) == ("length_cap", 31 - 3 + 15)
+    assert r.warnings and "length cap" in r.warnings[0]
+    r = _gen(never_stops, mode="t2av", max_seconds=2.0)
+    assert (r.stopped_by, r.n_patches) == ("length_cap", 13) and r.motion_raw.shape[0] == 12 + 52
+    r = _gen(never_stops, mode="tts", max_seconds=1.0)
+    assert r.n_patches == 7
+    with pytest.raises(ValueError, match="--max-seconds"):
+        _gen(never_stops, mode="tts", max_seconds=31)

@@ -1,0 +1,223 @@
+"""Locating, downloading (huggingface_hub monkeypatched: no network) and loading release-format weights."""
+import functools
+import os
+
+import pytest
+import torch
+
+import weights
+from pipeline import TalkerPipeline
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    for var in weights.ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)  # an empty hub cache
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    return TalkerPipeline.demo(verbose=False)
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory, demo_pipe):
+    """The demo models saved in the released layout: <root>/talker-t2av/, <root>/whisperx-vae/model.ckpt,
+    lia-x.pt, wavlm_large_finetune.pth."""
+    import whisperx_vae
+
+    root = tmp_path_factory.mktemp("release")
+    demo_pipe.llm.save_pretrained(root / "talker-t2av", tokenizer=demo_pipe.tokenizer)
+    (root / "whisperx-vae").mkdir()
+    whisperx_vae.save_checkpoint(demo_pipe.vae, root / "whisperx-vae" / "model.ckpt")
+    torch.save(demo_pipe.generator.state_dict(), root / "lia-x.pt")
+    torch.save({"model": demo_pipe.speaker_encoder.state_dict()}, root / "wavlm_large_finetune.pth")
+    return root
+
+
+@pytest.fixture
+def tiny_loaders(monkeypatch):
+    """Make the release loaders build the tiny architectures (strict loading code unchanged)."""
+    import lia_x
+    import speaker_verification
+    import whisperx_vae
+
+    monkeypatch.setattr(whisperx_vae, "load_whisperx_vae", functools.partial(
+        whisperx_vae.load_whisperx_vae, whisper_dims=whisperx_vae.tiny_whisper_dims()))
+    monkeypatch.setattr(lia_x, "load_generator", functools.partial(lia_x.load_generator, **lia_x.TINY_CONFIG))
+
+    def init_tiny(name, checkpoint=None, wavlm_checkpoint=None):
+        model = speaker_verification.tiny_speaker_encoder(seed=123)
+        return speaker_verification.load_speaker_encoder(model, checkpoint, wavlm_checkpoint).eval()
+
+    monkeypatch.setattr(speaker_verification, "init_model", init_tiny)
+
+
+# ---------------------------------------------------------------------------------------------- locate
+
+def test_locate_from_env_and_repository_layout(release_dir, no_env, monkeypatch):
+    monkeypatch.setenv("CHECKPOINT_DIR", str(release_dir / "talker-t2av"))
+    monkeypatch.setenv("LIAX_CKPT", str(release_dir / "lia-x.pt"))
+    paths = weights.locate()
+    assert paths.checkpoint_dir == str(release_dir / "talker-t2av")
+    assert paths.whisperx_vae == str(release_dir / "whisperx-vae" / "model.ckpt")  # found beside it
+    assert paths.sources == {"checkpoint_dir": "env", "liax": "env", "whisperx_vae": "layout"}
+    assert paths.missing() == ["wavlm"]
+    # an explicit argument wins over the environment
+    assert weights.locate(wavlm=release_dir / "wavlm_large_finetune.pth").missing() == []
+
+
+def test_locate_rejects_given_paths_that_do_not_exist(tmp_path, no_env, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        weights.locate(checkpoint_dir=tmp_path)
+    monkeypatch.setenv("WAVLM_CKPT", str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth.*WAVLM_CKPT"):
+        weights.locate()
+
+
+def test_missing_weights_message_lists_the_ways_forward(no_env):
+    paths = weights.locate()
+    assert paths.missing() == list(weights.COMPONENTS)
+    with pytest.raises(weights.MissingWeightsError) as info:
+        paths.require()
+    msg = str(info.value)
+    for needle in ("--checkpoint-dir", "CHECKPOINT_DIR", "WHISPERVAE_CKPT", "LIAX_CKPT", "WAVLM_CKPT",
+                   "--download", "--demo"):
+        assert needle in msg
+    assert "\n" not in msg
+    assert weights.needed_for("tts") == ("checkpoint_dir", "whisperx_vae", "wavlm")  # no renderer for tts
+
+
+def test_cached_wavlm_with_the_wrong_size_is_refused(tmp_path, no_env, monkeypatch):
+    bad = tmp_path / "wavlm_large_finetune.pth"
+    bad.write_bytes(b"x" * 10)
+    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: str(bad) if "wavlm" in filename else None)
+    with pytest.raises(ValueError, match="1,301,926,579"):
+        weights.locate()
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+class FakeHub:
+    def __init__(self, root, wavlm_size=weights.WAVLM_SIZE, fail=None):
+        self.root, self.calls, self.wavlm_size, self.fail = root, [], wavlm_size, fail
+
+    def __call__(self, repo_id, filename, **kwargs):
+        self.calls.append((repo_id, filename))
+        if self.fail:
+            raise self.fail
+        path = self.root / repo_id.replace("/", "--") / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            if filename.endswith(".pth"):
+                f.truncate(self.wavlm_size)  # sparse: the size is what is checked
+            else:
+                f.write(b"weights")
+        return str(path)
+
+
+def test_download_fetches_every_file_from_the_documented_sources(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    paths = weights.download()
+    assert set(hub.calls) == {
+        *[("HKUSTAudio/Talker-T2AV", f"talker-t2av/{f}") for f in
+          ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")],
+        ("HKUSTAudio/Talker-T2AV", "whisperx-vae/model.ckpt"), ("YaohuiW/LIA-X", "lia-x.pt"),
+        ("bezzam/wavlm_large_finetune_seed_tts_eval", "wavlm_large_finetune.pth")}
+    assert os.path.basename(paths.checkpoint_dir) == "talker-t2av"
+    assert os.path.getsize(paths.wavlm) == weights.WAVLM_SIZE
+    assert set(paths.sources.values()) == {"download"}
+
+
+def test_download_only_what_is_missing_and_custom_wavlm_source(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(tmp_path, wavlm_size=1234)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    paths = weights.download(needs=("wavlm", "liax"), paths=weights.WeightPaths(liax="/already/here.pt"),
+                             wavlm_repo="someone/mirror", wavlm_filename="spk.pth")
+    assert hub.calls == [("someone/mirror", "spk.pth")]  # other source: no size check unless given
+    assert paths.liax == "/already/here.pt"
+    with pytest.raises(ValueError, match="1,234 bytes, expected 99"):
+        weights.download(needs=("wavlm",), wavlm_repo="someone/mirror", wavlm_filename="spk.pth", wavlm_size=99)
+
+
+def test_download_size_mismatch_and_hub_errors(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub(tmp_path, wavlm_size=1000))
+    with pytest.raises(ValueError, match="expected 1,301,926,579"):
+        weights.download(needs=("wavlm",))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", FakeHub(tmp_path, fail=RuntimeError("offline\nmore")))
+    with pytest.raises(OSError, match="download from the Hugging Face hub failed: RuntimeError: offline$"):
+        weights.download(needs=("liax",))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def test_from_pretrained_matches_the_models_it_was_saved_from(release_dir, demo_pipe, tiny_loaders, no_env):
+    pipe = TalkerPipeline.from_pretrained(
+        release_dir / "talker-t2av", liax_ckpt=release_dir / "lia-x.pt",
+        wavlm_ckpt=release_dir / "wavlm_large_finetune.pth", device="cpu")
+    assert pipe._generator is None  # LIA-X is read on first use only
+    a = pipe.generate(mode="t2av", seed=4, progress=False)
+    b = demo_pipe.generate(mode="t2av", seed=4, progress=False)
+    assert torch.equal(a.audio_24k, b.audio_24k) and torch.allclose(a.motion_raw, b.motion_raw, atol=1e-6)
+
+
+def test_from_pretrained_tts_needs_no_liax_and_download_fills_the_gaps(release_dir, tiny_loaders, no_env,
+                                                                       monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return str(release_dir / "wavlm_large_finetune.pth")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    pipe = TalkerPipeline.from_pretrained(release_dir / "talker-t2av", needs=weights.needed_for("tts"),
+                                          download=True, wavlm_repo="mirror/x", wavlm_filename="spk.pth")
+    assert calls == [("mirror/x", "spk.pth")]
+    assert pipe.generate(mode="tts", progress=False).audio_24k.numel() > 0
+    with pytest.raises(weights.MissingWeightsError, match="LIA-X"):
+        pipe.generate(mode="t2av", progress=False)  # would need the renderer's encoder
+
+
+def test_checkpoint_of_the_wrong_kind(release_dir, tiny_loaders, no_env):
+    with pytest.raises(ValueError, match="lia-x.pt"):
+        TalkerPipeline.from_pretrained(release_dir / "talker-t2av", whisperx_vae_ckpt=release_dir / "lia-x.pt",
+                                       liax_ckpt=release_dir / "lia-x.pt",
+                                       wavlm_ckpt=release_dir / "wavlm_large_finetune.pth")
+
+
+def test_licences_are_stated():
+    text = weights.licence_text()
+    assert "lia-x.pt" in text and "CC BY-NC 4.0" in text and "wavlm_large_finetune.pth" in text
+
+
+def test_tokenizer_from_llm_name_when_the_checkpoint_has_none(release_dir, demo_pipe, tmp_path, tiny_loaders, no_env):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("model.safetensors", "config.json", "speech_llm_args.json"):
+        shutil.copy(release_dir / "talker-t2av" / name, bare / name)
+    kwargs = dict(whisperx_vae_ckpt=release_dir / "whisperx-vae" / "model.ckpt",
+                  wavlm_ckpt=release_dir / "wavlm_large_finetune.pth", needs=weights.needed_for("tts"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        TalkerPipeline.from_pretrained(bare, llm_name=str(tmp_path / "nowhere"), **kwargs)
+    pipe = TalkerPipeline.from_pretrained(bare, llm_name=str(release_dir / "talker-t2av"), **kwargs)
+    assert pipe.tokenizer("abc")["input_ids"] == demo_pipe.tokenizer("abc")["input_ids"]
