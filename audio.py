@@ -61,6 +61,12 @@ def load_audio(path, max_seconds: float | None = None) -> tuple[torch.Tensor, in
     return wav.contiguous(), int(sample_rate)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_wav(path, wav, sr: int = CODEC_SAMPLE_RATE, subtype: str = "FLOAT") -> None:
     """Write a mono waveform atomically (temp file in the same folder, then rename).
 
@@ -74,6 +80,7 @@ def save_wav(path, wav, sr: int = CODEC_SAMPLE_RATE, subtype: str = "FLOAT") -> 
     os.close(fd)
     try:
         sf.write(tmp_path, wav_1d, int(sr), subtype=subtype, format="WAV")
+        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):

@@ -151,12 +151,6 @@ def _tmp_beside(path: str, suffix: str) -> str:
     return str(p.parent / f".{p.name}.{secrets.token_hex(4)}.tmp{suffix}")
 
 
-def _default_permissions(path: str) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _progress_bar(total, desc, unit, enabled):
     from tqdm.auto import tqdm
 
@@ -582,10 +576,8 @@ class TalkerPipeline:
                 finally:
                     bar.close()
             os.replace(tmp_wav, wav_path)
-            _default_permissions(wav_path)  # the temp file was created private
             if tmp_lat:
                 os.replace(tmp_lat, base + ".latents.safetensors")
-                _default_permissions(base + ".latents.safetensors")
                 result.latents_path = base + ".latents.safetensors"
         finally:
             for tmp in (tmp_wav, tmp_lat):

@@ -200,6 +200,9 @@ def test_save_wav_atomic(tmp_path):
     assert sr == 24000 and sf.info(str(out)).subtype == "FLOAT"
     assert torch.equal(torch.from_numpy(back), wav)
     assert sorted(os.listdir(out.parent)) == ["speech.wav"]  # no temp file left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the 0600 of the temp file
 
     audio.save_wav(out, wav, sr=16000, subtype="PCM_16")  # overwrite in place
     assert sf.info(str(out)).samplerate == 16000 and sf.info(str(out)).subtype == "PCM_16"
