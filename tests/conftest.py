@@ -33,3 +33,65 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a-e| / max |e| (the error scale the fixture tolerances are stated in)."""
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models gain nothing from intra-op threads and lose a lot when another process holds a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- release-format weights built from the tiny demo models (test_weights.py, test_infer.py)
+
+@pytest.fixture
+def no_env(monkeypatch):
+    import weights
+
+    for var in weights.ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)  # an empty hub cache
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    from pipeline import TalkerPipeline
+
+    return TalkerPipeline.demo(verbose=False)
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory, demo_pipe):
+    """The demo models saved in the released layout: <root>/talker-t2av/, <root>/whisperx-vae/model.ckpt,
+    lia-x.pt, wavlm_large_finetune.pth."""
+    import whisperx_vae
+
+    root = tmp_path_factory.mktemp("release")
+    demo_pipe.llm.save_pretrained(root / "talker-t2av", tokenizer=demo_pipe.tokenizer)
+    (root / "whisperx-vae").mkdir()
+    whisperx_vae.save_checkpoint(demo_pipe.vae, root / "whisperx-vae" / "model.ckpt")
+    torch.save(demo_pipe.generator.state_dict(), root / "lia-x.pt")
+    torch.save({"model": demo_pipe.speaker_encoder.state_dict()}, root / "wavlm_large_finetune.pth")
+    return root
+
+
+@pytest.fixture
+def tiny_loaders(monkeypatch):
+    """Make the release loaders build the tiny architectures (strict loading code unchanged)."""
+    import functools
+
+    import lia_x
+    import speaker_verification
+    import whisperx_vae
+
+    monkeypatch.setattr(whisperx_vae, "load_whisperx_vae", functools.partial(
+        whisperx_vae.load_whisperx_vae, whisper_dims=whisperx_vae.tiny_whisper_dims()))
+    monkeypatch.setattr(lia_x, "load_generator", functools.partial(lia_x.load_generator, **lia_x.TINY_CONFIG))
+
+    def init_tiny(name, checkpoint=None, wavlm_checkpoint=None):
+        model = speaker_verification.tiny_speaker_encoder(seed=123)
+        return speaker_verification.load_speaker_encoder(model, checkpoint, wavlm_checkpoint).eval()
+
+    monkeypatch.setattr(speaker_verification, "init_model", init_tiny)

@@ -18,12 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 FRAME_S = 1 / 25
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -262,10 +257,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- weights flags
 
-from test_weights import demo_pipe, no_env, release_dir, tiny_loaders  # noqa: E402,F401  (shared fixtures)
-
-
-def test_weight_flags_and_env_vars(release_dir, tiny_loaders, no_env, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_weight_flags_and_env_vars(release_dir, tiny_loaders, no_env, tmp_path, capsys, monkeypatch):
     rd = release_dir
     rc = infer.main(["--checkpoint-dir", str(rd / "talker-t2av"), "--whisperx-vae-ckpt",
                      str(rd / "whisperx-vae" / "model.ckpt"), "--liax-ckpt", str(rd / "lia-x.pt"),
@@ -289,7 +281,7 @@ def test_weight_flags_and_env_vars(release_dir, tiny_loaders, no_env, tmp_path, 
     assert str(rd / "lia-x.pt") in err and "\n" not in err and not (tmp_path / "bad.mp4").exists()
 
 
-def test_download_flag(release_dir, tiny_loaders, no_env, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_download_flag(release_dir, tiny_loaders, no_env, tmp_path, capsys, monkeypatch):
     import huggingface_hub
 
     calls = []

@@ -11,18 +11,12 @@ from conftest import REFERENCE_SAMPLES
 import video_io
 from motion_stats import MOTION_MEAN, MOTION_STD, denormalize_motion, normalize_motion
 from pipeline import (DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, MAX_FRAMES, SAMPLES_PER_FRAME, TalkerPipeline,
-                      demo_tokenizer, load_motion_file)
+                      demo_tokenizer)
 
 FRAME_S = 1 / 25
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny models gain nothing from intra-op threads and lose a lot when another process holds a core
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
