@@ -4,7 +4,7 @@ not depend on the values (except how many patches the random stop head lets thro
 LLM is reported per patch).
 
     python bench.py                          # every stage except the full-size LIA-X render
-    python bench.py --stages liax            # LIA-X at 512x512 (about 3-6 min on 2 CPU cores)
+    python bench.py --stages liax            # LIA-X at 512x512 (about 6 min on 2 CPU cores)
     python bench.py --device cuda --stages llm vae spk liax
 
 Each stage runs in a fresh process, so "peak RSS" is that stage's own high-water mark (it includes
@@ -110,7 +110,8 @@ def stage_liax(device, args):
     torch.manual_seed(0)
     generator = Generator(**RELEASE_CONFIG).to(device).eval().requires_grad_(False)
     rows = []
-    for dtype, batch in ((torch.float32, 1), (torch.float32, args.liax_batch), (torch.bfloat16, args.liax_batch)):
+    settings = [(dtype, batch) for dtype in (torch.float32, torch.bfloat16) for batch in (1, args.liax_batch)]
+    for dtype, batch in settings:
         r = time_render(generator, n_frames=max(batch, args.liax_frames), batch_size=batch, dtype=dtype)
         rows.append(dict(stage="lia-x 512x512", what=f"render, batch {batch}, {str(dtype)[6:]}",
                          value=f"{r['per_frame_s']:.2f} s/frame", note=f"encoder once: {r['encoder_s']:.1f} s"))
