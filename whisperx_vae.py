@@ -28,6 +28,8 @@ from omegaconf.nodes import AnyNode
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from safe_load import safe_torch_load
+
 
 # ---------------------------------------------------------------------------------------------
 # Dimensions and configurations
@@ -455,25 +457,7 @@ def read_checkpoint(ckpt_path) -> tuple[dict, DictConfig]:
     allow-list above. Zip-format files are memory-mapped, so entries that are never used (the
     Whisper decoder) are never read into memory."""
     path = os.fspath(ckpt_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-        try:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "zip" not in str(err).lower() and "mmap" not in str(err).lower():
-                    raise
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-        except Exception as err:
-            text = str(err)
-            unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            if unsupported:
-                detail = f"it references {unsupported.group(1)}, which is not on the allow-list"
-            else:
-                detail = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-            raise ValueError(f"{path}: not a loadable WhisperX-VAE checkpoint "
-                             f"(torch.load weights_only=True failed: {detail})") from None
+    ckpt = safe_torch_load(path, "WhisperX-VAE checkpoint", CHECKPOINT_SAFE_GLOBALS)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{path}: not a WhisperX-VAE Lightning checkpoint (no 'state_dict' dict)")
     cfg = (ckpt.get("hyper_parameters") or {}).get("cfg") if isinstance(ckpt.get("hyper_parameters"), dict) else None

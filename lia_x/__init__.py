@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from safe_load import safe_torch_load
+
 from .networks.generator import Generator
 from .networks.ops import EqualConv2d, ModulatedConv2d
 
@@ -42,16 +44,7 @@ def load_generator(ckpt_path, device="cpu", dtype=torch.float32, **config) -> Ge
     (torch.bfloat16 halves memory and suits bf16 rendering); other parameters stay float32.
     Raises FileNotFoundError, or ValueError naming the file when it is not a LIA-X state dict."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: LIA-X checkpoint not found")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    state = safe_torch_load(path, "LIA-X checkpoint")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: not a LIA-X state dict (expected a flat dict of tensors, "
                          f"got {type(state).__name__})")

@@ -5,9 +5,10 @@ torch.hub, the fine-tuned checkpoint is expected to carry the WavLM weights
 (`feature_extract.model.*`); if it does not, pass a WavLM-Large fairseq/s3prl
 checkpoint ({"cfg": ..., "model": ...}) as `wavlm_checkpoint`.
 """
-from pathlib import Path
 
 import torch
+
+from safe_load import safe_torch_load
 
 from .ecapa_tdnn import ECAPA_TDNN, ECAPA_TDNN_SMALL
 from .wavlm import WavLMArgs, parse_conv_feature_layers
@@ -17,37 +18,12 @@ WAVLM_PREFIX = "feature_extract.model."
 
 
 def _torch_load(path) -> dict:
-    """torch.load(weights_only=True) of a dict checkpoint; problems become one-line ValueErrors.
-
-    No extra globals are allow-listed: a plain {"model": state_dict, ...} with tensors,
-    OrderedDict and Python scalars/strings/containers needs none. A file holding other
-    objects fails with torch's message, which names the global it would need.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) torch.save format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # garbage input surfaces as many exception types (KeyError, EOFError, ...)
-        raise ValueError(f"{path}: not a loadable torch checkpoint (weights_only=True): {_load_error(e)}") from None
+    """A dict checkpoint read with weights_only=True. No extra globals are allow-listed: a plain
+    {"model": state_dict, ...} of tensors, OrderedDict and Python values needs none."""
+    obj = safe_torch_load(path, "torch checkpoint")
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
-
-
-def _load_error(e: Exception) -> str:
-    """The informative line of a torch.load error (for weights_only refusals: the global it met)."""
-    text = str(e).strip()
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        line = text.split(marker, 1)[1].strip().splitlines()[0]
-        return line.split(" was not an allowed global")[0]
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _state_dict_of(path, obj: dict) -> dict:
