@@ -6,6 +6,8 @@ torch.hub, the fine-tuned checkpoint is expected to carry the WavLM weights
 checkpoint ({"cfg": ..., "model": ...}) as `wavlm_checkpoint`.
 """
 
+import warnings
+
 import torch
 
 from safe_load import safe_torch_load
@@ -57,12 +59,13 @@ def _check_wavlm_cfg(path, cfg, expected: WavLMArgs) -> None:
 
 
 def load_speaker_encoder(model: ECAPA_TDNN, checkpoint, wavlm_checkpoint=None) -> ECAPA_TDNN:
-    """Strictly load a fine-tuned speaker checkpoint ({"model": state_dict}) into `model`.
+    """Load a fine-tuned speaker checkpoint ({"model": state_dict}) into `model`.
 
     `model` may live on the meta device: tensors are assigned, not copied (float tensors are
     cast to float32 first). WavLM weights missing from `checkpoint` are taken from
     `wavlm_checkpoint`; BatchNorm `num_batches_tracked` counters missing from an old-format
-    file are set to 0 (they do not affect inference). Every other key must match exactly.
+    file are set to 0 (they do not affect inference). Every key of the model must be there with
+    its shape; entries the model does not have (a training head) are ignored with a warning.
     `wavlm_checkpoint` is read only when `checkpoint` lacks WavLM entries.
     """
     state = dict(_state_dict_of(checkpoint, _torch_load(checkpoint)))
@@ -90,12 +93,17 @@ def load_speaker_encoder(model: ECAPA_TDNN, checkpoint, wavlm_checkpoint=None) -
                     for k, v in expected.items() if k in state and state[k].shape != v.shape]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    if missing or unexpected or shape_errors:
+    if unexpected:
+        # The released file is ~6.5 MB larger than the 323.9 M parameters of the encoder: it most
+        # likely carries its training classifier head, which the reference skips (strict=False).
+        warnings.warn(f"{checkpoint}: ignoring {len(unexpected)} entries the speaker encoder does not use "
+                      f"(e.g. {unexpected[:3]})", stacklevel=2)
+        for key in unexpected:
+            del state[key]
+    if missing or shape_errors:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         if shape_errors:
             parts.append(f"{len(shape_errors)} shape mismatches (e.g. {shape_errors[:3]})")
         source = checkpoint if wavlm_checkpoint is None else f"{checkpoint} (+ {wavlm_checkpoint})"

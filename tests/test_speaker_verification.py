@@ -173,10 +173,15 @@ def test_missing_wavlm_weights_ask_for_a_wavlm_checkpoint(tmp_path, fixture_stat
         sv.init_model("wavlm_large", finetune)
 
 
-def test_strict_about_other_keys(tmp_path, fixture_state_dict):
-    extra = _save(tmp_path / "extra.pth", {"model": {**fixture_state_dict, "projection.weight": torch.zeros(2, 2)}})
-    with pytest.raises(ValueError, match=r"extra.pth: .*unexpected keys.*projection.weight"):
-        sv.load_speaker_encoder(_tiny_on_meta(), extra)
+def test_strict_about_model_keys_and_ignores_a_training_head(tmp_path, fixture_state_dict):
+    # entries the encoder does not have (the released file likely carries its classifier head)
+    # are skipped with a warning naming them, as the reference's strict=False load skips them
+    head = {"projection.weight": torch.zeros(5994, 8)}
+    extra = _save(tmp_path / "extra.pth", {"model": {**fixture_state_dict, **head}})
+    with pytest.warns(UserWarning, match=r"extra.pth: ignoring 1 entries.*projection.weight"):
+        model = sv.load_speaker_encoder(_tiny_on_meta(), extra)
+    assert torch.equal(model.state_dict()["linear.bias"], fixture_state_dict["linear.bias"])
+    assert "projection.weight" not in model.state_dict()
     short = {k: v for k, v in fixture_state_dict.items() if k != "linear.bias"}
     missing = _save(tmp_path / "missing.pth", {"model": short})
     with pytest.raises(ValueError, match=r"missing.pth: .*missing keys.*linear.bias"):
