@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,11 +15,10 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-WHISPER_SAMPLE_RATE = 16000
-CODEC_SAMPLE_RATE = 24000
-WHISPER_SECONDS = 30
-WHISPER_SAMPLES = WHISPER_SAMPLE_RATE * WHISPER_SECONDS  # 480000: whisper.pad_or_trim length
-LATENT_FPS = 25  # WhisperX-VAE latent / motion frame rate
+from atomic import atomic_output
+from constants import CODEC_SAMPLE_RATE, FPS, MAX_SECONDS, WHISPER_SAMPLE_RATE
+
+WHISPER_SAMPLES = WHISPER_SAMPLE_RATE * MAX_SECONDS  # 480000: whisper.pad_or_trim length
 
 # Peak below this (about -100 dBFS, under one 16-bit step) counts as silence.
 _SILENCE_PEAK = 1e-5
@@ -61,31 +59,17 @@ def load_audio(path, max_seconds: float | None = None) -> tuple[torch.Tensor, in
     return wav.contiguous(), int(sample_rate)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_wav(path, wav, sr: int = CODEC_SAMPLE_RATE, subtype: str = "FLOAT") -> None:
-    """Write a mono waveform atomically (temp file in the same folder, then rename).
+def save_wav(path, wav, sr: int = CODEC_SAMPLE_RATE, subtype: str = "FLOAT", atomic: bool = True) -> None:
+    """Write a mono waveform (atomic=False: `path` is already a temporary name, see atomic.py).
 
     subtype "FLOAT" (32-bit float WAV) is what torchaudio.save writes for a float32 tensor.
     """
-    path = os.fspath(path)
     wav_1d = torch.as_tensor(wav).detach().float().cpu().reshape(-1).numpy()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_", suffix=".wav", dir=folder)
-    os.close(fd)
-    try:
-        sf.write(tmp_path, wav_1d, int(sr), subtype=subtype, format="WAV")
-        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual mode
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    if atomic:
+        with atomic_output(path) as tmp:
+            sf.write(tmp, wav_1d, int(sr), subtype=subtype, format="WAV")
+    else:
+        sf.write(os.fspath(path), wav_1d, int(sr), subtype=subtype, format="WAV")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +142,7 @@ def _whisper_feature_extractor(n_mels: int):
 
     # Its filters are librosa's slaney mel filters, i.e. whisper's mel_filters.npz.
     return WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=WHISPER_SAMPLE_RATE,
-                                   n_fft=400, hop_length=160, chunk_length=WHISPER_SECONDS)
+                                   n_fft=400, hop_length=160, chunk_length=MAX_SECONDS)
 
 
 def mel_filters(n_mels: int = 128) -> torch.Tensor:
@@ -200,23 +184,25 @@ class ReferenceAudio:
     source_sample_rate: int = 0  # sample rate of the file
 
 
-def prepare_reference_audio(path, max_seconds: float = WHISPER_SECONDS) -> ReferenceAudio:
-    """Load a reference voice clip the way the reference's load_audio_and_get_mel does.
-
-    Mono mix at the file's rate, resample to 16 and 24 kHz (skipped when already at that rate),
-    cut both to max_seconds, speech_len = max(1, min(int(duration * 25), 25 * max_seconds)).
-    """
-    if not 0 < max_seconds <= WHISPER_SECONDS:
-        raise ValueError(f"max_seconds must be in (0, {WHISPER_SECONDS}], got {max_seconds}")
+def prepare_reference_audio(path, max_seconds: float = MAX_SECONDS) -> ReferenceAudio:
+    """Load a reference voice clip the way the reference's load_audio_and_get_mel does."""
+    if not 0 < max_seconds <= MAX_SECONDS:
+        raise ValueError(f"max_seconds must be in (0, {MAX_SECONDS}], got {max_seconds}")
     # One extra second keeps the resampler's look-ahead past the cut identical to a full read.
     wav, sample_rate = load_audio(path, max_seconds=max_seconds + 1)
+    return reference_audio(wav, sample_rate, max_seconds)
+
+
+def reference_audio(wav: torch.Tensor, sample_rate: int, max_seconds: float = MAX_SECONDS) -> ReferenceAudio:
+    """A loaded mono clip as the model's inputs: resampled to 16 and 24 kHz (skipped when already at that
+    rate), both cut to max_seconds, speech_len = max(1, min(int(duration * 25), 25 * max_seconds))."""
     audio_16k = resample(wav, sample_rate, WHISPER_SAMPLE_RATE)
     audio_24k = resample(wav, sample_rate, CODEC_SAMPLE_RATE)
     audio_16k = audio_16k[: int(WHISPER_SAMPLE_RATE * max_seconds)]
     audio_24k = audio_24k[: int(CODEC_SAMPLE_RATE * max_seconds)]
 
     duration_s = audio_16k.shape[0] / WHISPER_SAMPLE_RATE
-    speech_len = max(1, min(int(duration_s * LATENT_FPS), int(LATENT_FPS * max_seconds)))
+    speech_len = max(1, min(int(duration_s * FPS), int(FPS * max_seconds)))
     mel = log_mel_spectrogram(audio_16k)[None, None]
     return ReferenceAudio(
         audio_16k=audio_16k,

@@ -43,9 +43,11 @@ def _llm_rows(model, device, label):
     ref_speech = torch.randn(125, 32, generator=g).to(device)  # 5 s of reference latents
     ref_motion = torch.randn(124, 40, generator=g).to(device)
     speaker = torch.randn(1, 256, generator=g).to(device)
+    from generation import Sampling
     torch.manual_seed(0)
-    run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, min_patches=10**6)  # noqa: E731
-    model.generate(ids, 30, ref_speech, speaker, ref_motion, extra_patches=-28)  # warm-up (few patches)
+    never_stop = Sampling(stop_min_patches=10**6)
+    run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop)  # noqa: E731
+    model.generate(ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
     out, seconds = _timed(run, device)
     return [dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop)",
                  value=f"{seconds / out.n_patches * 1000:.1f} ms/patch",

@@ -15,13 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
+
+from request import GenerationRequest, RequestError
 
 PROG = "infer.py"
-BATCH_KEYS = ("mode", "text", "ref_audio", "ref_video", "ref_motion", "audio", "video", "motion", "output", "seed",
-              "cfm_steps", "cfm_temperature", "cfm_cfg", "gt_prefix_seconds", "trim_prefix", "max_seconds")
+CLI_DEFAULTS = {"output": "output.mp4"}  # the library writes nothing unless asked; the CLI writes here
+REQUEST_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(GenerationRequest)}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,60 +38,36 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_request_options(ap: argparse.ArgumentParser) -> None:
+    """One option per GenerationRequest field: type, default, help and choices come from the field."""
+    groups = {}
+    for f in fields(GenerationRequest):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], ap.add_argument_group(meta["group"]))
+        default = CLI_DEFAULTS.get(f.name, f.default)
+        if str(f.type) == "bool":
+            group.add_argument(REQUEST_FLAGS[f.name], action="store_true", help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        group.add_argument(REQUEST_FLAGS[f.name], type=kind, default=default, choices=meta.get("choices"),
+                           help=meta["help"])
+        if f.name == "output":
+            group.add_argument("--batch-file", default=None, help=(
+                "jsonl, one request per line with keys among: " + ", ".join(REQUEST_FLAGS) + "; missing keys "
+                "take the command-line values. Under torchrun each rank takes lines i with i %% WORLD_SIZE == RANK"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().splitlines()[0],
                                  formatter_class=_HelpFormatter)
-    g = ap.add_argument_group("what to generate")
-    g.add_argument("--mode", choices=("t2av", "a2v", "v2a", "tts"), default="t2av",
-                   help="t2av: text -> speech + face video; a2v: --audio drives the face; v2a: --video (or "
-                        "--motion) gets new speech from --text; tts: speech only (wav)")
-    g.add_argument("--text", default=None,
-                   help="text to speak (the transcript in a2v/v2a). Default: samples/default_text.txt; in a2v "
-                        "the default is no transcript (empty), the motion then follows the audio alone")
-    g.add_argument("--ref-audio", default=None,
-                   help="reference voice (speaker timbre + prompt prefix); any rate/channels, <= 30 s. "
-                        "Default: samples/reference_voice.wav")
-    g.add_argument("--ref-video", default=None,
-                   help="reference face video: its first frame is the face; its motion is the prompt when "
-                        "--ref-motion is absent. Default: samples/reference_face.mp4")
-    g.add_argument("--ref-motion", default=None,
-                   help="reference LIA-X motion (.pt, (frames, 40) raw); default: extracted from --ref-video")
-    g.add_argument("--audio", default=None, help="a2v: the driving speech (<= 30 s). Default: the sample voice")
-    g.add_argument("--video", default=None,
-                   help="v2a: the talking-head video to dub (<= 30 s); its frames are kept. Default: sample face")
-    g.add_argument("--motion", default=None, help="v2a: driving motion (.pt, (frames, 40) raw, 25 fps) instead "
-                                                  "of --video; rendered on the --ref-video face")
-    g.add_argument("--output", default="output.mp4",
-                   help="output mp4; the wav is written beside it (tts: only the wav)")
-    g.add_argument("--batch-file", default=None,
-                   help="jsonl, one request per line with keys among: " + ", ".join(BATCH_KEYS) +
-                        "; missing keys take the command-line values. Under torchrun each rank takes lines "
-                        "i with i %% WORLD_SIZE == RANK")
-    g.add_argument("--save-latents", action="store_true",
-                   help="also write <output>.latents.safetensors (speech latents, motion)")
-    g.add_argument("--max-seconds", type=float, default=None,
-                   help="t2av/tts: cap on the generated length (at most 30). Default: as released, the "
-                        "reference clip's length + 0.6 s")
-    g.add_argument("--trim-prefix", action="store_true",
-                   help="t2av/tts: drop the prefix replayed from the reference clip from the output (the "
-                        "reference keeps it)")
-
-    g = ap.add_argument_group("sampling (defaults = the released code)")
-    g.add_argument("--cfm-steps", type=int, default=10, help="Euler steps per patch")
-    g.add_argument("--cfm-temperature", type=float, default=0.3,
-                   help="initial-noise scale (the released code uses 0.3; the paper reports 0.7)")
-    g.add_argument("--cfm-cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    g.add_argument("--gt-prefix-seconds", type=float, default=0.5,
-                   help="seconds of the reference clip fed before generation (0: voice/face identity only)")
-    g.add_argument("--fps", type=int, default=25, help="frame rate (the model is 25 fps only)")
-    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same output on the same device")
-
+    _add_request_options(ap)
     g = ap.add_argument_group("weights")
     g.add_argument("--demo", action="store_true",
                    help="tiny RANDOM models built in memory: runs offline in seconds, output is not speech")
     g.add_argument("--checkpoint-dir", default=None,
                    help="Talker-T2AV folder (model.safetensors, config.json, tokenizer). Default: $CHECKPOINT_DIR, "
-                        "then the hub cache")
+                        "then the hub cache. With --demo: a tiny SpeechLLM folder (e.g. a tiny training run's "
+                        "final/) used in place of the random one")
     g.add_argument("--llm-name", default="Qwen/Qwen3-0.6B",
                    help="accepted for compatibility: the backbone weights are in model.safetensors; this only "
                         "names a tokenizer source (local path or hub cache) if the checkpoint folder has none")
@@ -116,11 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# ------------------------------------------------------------------------------------------ messages
+
 class UserError(Exception):
     """A problem with the command line or the inputs: reported in one line, exit code 1."""
 
 
-def _one_line(err: BaseException) -> str:
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised like KeyboardInterrupt so that every cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def message_of(err: BaseException, in_batch_line: bool = False) -> str:
+    """The one-line text of an error; request fields are named by their flag (by their key in a batch line)."""
+    import weights
+
+    if isinstance(err, weights.MissingWeightsError):
+        return weights.missing_message(err.components, cli=True)
+    if isinstance(err, RequestError):
+        name = err.field if in_batch_line else REQUEST_FLAGS.get(err.field, "--" + err.field.replace("_", "-"))
+        return " ".join(f"{name}: {err.problem}".split())
     text = str(err).strip()
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {err.strerror or text}"
@@ -135,68 +138,75 @@ def _dist_env():
     return rank, world, local_rank, local_world
 
 
+# ------------------------------------------------------------------------------------------ requests
+
+@dataclass
+class Job:
+    label: str  # "" or "prompts.jsonl:LINE: "
+    request: Optional[GenerationRequest]  # None when the line is bad
+    error: str = ""
+
+
+def cli_request(args) -> GenerationRequest:
+    """The command line's request (flags the user did not give keep the request's defaults)."""
+    values = {name: getattr(args, name) for name in REQUEST_FLAGS}
+    return GenerationRequest.from_mapping({k: v for k, v in values.items() if v is not None})
+
+
 def read_batch_file(path: str) -> list:
-    """[(line number, request dict)] of a jsonl file; blank lines and lines starting with # are skipped."""
+    """[(line number, dict)] of a jsonl file, or (line number, problem) for lines that are not objects;
+    blank lines and lines starting with # are skipped."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: batch file not found")
-    requests = []
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a UTF-8 text file") from None
+    entries = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            req = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(req, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(req).__name__}")
-        req = {k.replace("-", "_"): v for k, v in req.items()}
-        unknown = sorted(set(req) - set(BATCH_KEYS))
-        if unknown:
-            raise ValueError(f"{path}:{lineno}: unknown keys {unknown} (allowed: {', '.join(BATCH_KEYS)})")
-        for key, kind in (("seed", int), ("cfm_steps", int), ("cfm_temperature", float), ("cfm_cfg", float),
-                          ("gt_prefix_seconds", float), ("max_seconds", float),
-                          ("trim_prefix", bool)):
-            if key in req and req[key] is not None:
-                if kind is bool and not isinstance(req[key], bool):
-                    raise ValueError(f"{path}:{lineno}: {key} must be true or false, got {req[key]!r}")
-                try:
-                    req[key] = kind(req[key])
-                except (TypeError, ValueError):
-                    raise ValueError(f"{path}:{lineno}: {key} must be a number, got {req[key]!r}") from None
-        for key in ("mode", "text", "ref_audio", "ref_video", "ref_motion", "audio", "video", "motion", "output"):
-            if key in req and req[key] is not None and not isinstance(req[key], str):
-                raise ValueError(f"{path}:{lineno}: {key} must be a string, got {req[key]!r}")
-        requests.append((lineno, req))
-    if not requests:
+            entries.append((lineno, f"not valid JSON ({e.msg})"))
+            continue
+        if not isinstance(value, dict):
+            entries.append((lineno, f"expected a JSON object, got {type(value).__name__}"))
+            continue
+        entries.append((lineno, {k.replace("-", "_"): v for k, v in value.items()}))
+    if not entries:
         raise ValueError(f"{path}: no requests in the batch file")
-    return requests
+    return entries
 
 
-def _requests(args) -> list:
-    """[(label, kwargs for TalkerPipeline.generate)] for this rank."""
-    base = dict(mode=args.mode, text=args.text, ref_audio=args.ref_audio, ref_video=args.ref_video,
-                ref_motion=args.ref_motion, audio=args.audio, video=args.video, motion=args.motion,
-                output=args.output, seed=args.seed, cfm_steps=args.cfm_steps, cfm_temperature=args.cfm_temperature,
-                cfm_cfg=args.cfm_cfg, gt_prefix_seconds=args.gt_prefix_seconds, trim_prefix=args.trim_prefix,
-                fps=args.fps, max_seconds=args.max_seconds)
+def jobs(args) -> list:
+    """This rank's requests, each already checked as far as possible without a model (pipeline.preflight)."""
+    from pipeline import preflight
+
+    base = cli_request(args)
     if not args.batch_file:
-        return [("", base)]
+        return [Job("", preflight(base))]
     rank, world, _, _ = _dist_env()
     stem = os.path.splitext(args.output)[0]
     out = []
-    for i, (lineno, req) in enumerate(read_batch_file(args.batch_file)):
+    for i, (lineno, entry) in enumerate(read_batch_file(args.batch_file)):
         if i % world != rank:
             continue
-        kwargs = dict(base, output=f"{stem}_{i:04d}.mp4")
-        kwargs.update(req)
-        out.append((f"{args.batch_file}:{lineno}: ", kwargs))
+        label = f"{args.batch_file}:{lineno}: "
+        if isinstance(entry, str):
+            out.append(Job(label, None, entry))
+            continue
+        try:
+            line_base = GenerationRequest.from_mapping({"output": f"{stem}_{i:04d}.mp4"}, base=base)
+            out.append(Job(label, preflight(GenerationRequest.from_mapping(entry, base=line_base))))
+        except (ValueError, OSError) as e:
+            out.append(Job(label, None, message_of(e, in_batch_line=True)))
     return out
 
+
+# ------------------------------------------------------------------------------------------ running
 
 def _dtype(name):
     import torch
@@ -208,7 +218,7 @@ def load_pipeline(args, modes):
     import torch
 
     import weights
-    from pipeline import TalkerPipeline
+    from pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline
 
     rank, world, local_rank, local_world = _dist_env()
     device = args.device
@@ -227,14 +237,20 @@ def load_pipeline(args, modes):
             # the tiny models are too small for intra-op threads: synchronisation would dominate (and
             # spin-waiting makes it 10x slower when another process holds a core)
             torch.set_num_threads(1)
+        if rank == 0:
+            print(RANDOM_WEIGHTS_BANNER, flush=True)
         return TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
-                                   render_batch_size=args.render_batch_size, verbose=rank == 0)
+                                   render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir)
     needs = sorted({c for m in modes for c in weights.needed_for(m)}, key=weights.COMPONENTS.index)
     return TalkerPipeline.from_pretrained(
         args.checkpoint_dir, args.whisperx_vae_ckpt, args.liax_ckpt, args.wavlm_ckpt,
         wavlm_backbone_ckpt=args.wavlm_backbone_ckpt, llm_name=args.llm_name, device=device,
         dtype=_dtype(args.dtype), render_dtype=render_dtype, render_batch_size=args.render_batch_size,
         needs=needs, download=args.download, wavlm_repo=args.wavlm_repo, wavlm_filename=args.wavlm_filename)
+
+
+def _report(kind: str, text: str) -> None:
+    print(f"{PROG}: {kind}: {text}", file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
@@ -249,47 +265,57 @@ def run(args) -> int:
     if world > 1 and not args.batch_file and rank != 0:
         print(f"[rank {rank}] nothing to do: without --batch-file only rank 0 runs", flush=True)
         return 0
-    requests = _requests(args)
-    if not requests:
+    todo = jobs(args)
+    if not todo:
         print(f"[rank {rank}] no lines of {args.batch_file} fall to this rank", flush=True)
         return 0
-
-    pipe = load_pipeline(args, {kw.get("mode", "t2av") for _, kw in requests})
-    failed = 0
-    for label, kwargs in requests:
+    failed = [job for job in todo if job.request is None]
+    for job in failed:
+        _report("error", f"{job.label}{job.error}")
+    runnable = [job for job in todo if job.request is not None]
+    if runnable:
+        pipe = load_pipeline(args, {job.request.mode for job in runnable})
+    for job in runnable:
         try:
-            result = pipe.generate(**kwargs, save_latents=args.save_latents, progress=not args.quiet)
+            result = pipe.generate(job.request, progress=not args.quiet)
         except (ValueError, OSError) as e:
             if not args.batch_file:
                 raise
-            failed += 1
-            print(f"{PROG}: error: {label}{_one_line(e)}", file=sys.stderr, flush=True)
+            failed.append(job)
+            _report("error", f"{job.label}{message_of(e, in_batch_line=True)}")
             continue
         for warning in result.warnings:
-            print(f"{PROG}: warning: {label}{warning}", file=sys.stderr, flush=True)
+            _report("warning", f"{job.label}{warning}")
         written = [p for p in (result.video_path, result.wav_path, result.latents_path) if p]
-        print(f"{label}{result.summary()}", flush=True)
-        print(f"{label}[talker] wrote " + ", ".join(written), flush=True)
+        print(f"{job.label}{result.summary()}", flush=True)
+        print(f"{job.label}[talker] wrote " + ", ".join(written), flush=True)
         if pipe.is_demo:
             print("[talker] (demo: random weights, not real speech or faces)", flush=True)
-    if failed:
-        print(f"{PROG}: error: {failed} of {len(requests)} requests failed", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    if failed and args.batch_file:
+        _report("error", f"{len(failed)} of {len(todo)} requests failed")
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return run(args)
     except (UserError, ValueError, OSError) as e:  # FileNotFoundError and MissingWeightsError are OSErrors
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        _report("error", message_of(e))
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted after {time.perf_counter() - t0:.0f} s; no partial output was left",
               file=sys.stderr, flush=True)
         return 130
+    except Terminated as e:
+        print(f"{PROG}: {e} after {time.perf_counter() - t0:.0f} s; no partial output was left",
+              file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """TalkerPipeline: every model of Talker-T2AV in one object, and the four generation modes.
 
     from pipeline import TalkerPipeline
-    pipe = TalkerPipeline.from_pretrained()          # weights via weights.locate (flags / env vars / hub cache)
+    from request import GenerationRequest
+    pipe = TalkerPipeline.from_pretrained()          # weights via weights.locate (arguments / env vars / hub cache)
     # pipe = TalkerPipeline.demo()                   # tiny random models, offline
-    result = pipe.generate(mode="t2av", text="Hello there.", output="out.mp4")
-    result.audio_24k, result.motion_raw, result.video_path, result.wav_path
+    result = pipe.generate(GenerationRequest(mode="t2av", text="Hello there.", output="out.mp4"))
+    result = pipe.generate(mode="tts", text="Hello.")  # keyword arguments work too
 
-Modes (all run the released inference loop of SpeechLLM.generate):
+generate() reads as: prepare the mode's inputs -> plan the length -> run the patch stream -> assemble the
+mode's outputs -> write. Modes (all run the released loop of generation.py):
 - t2av: text -> speech + motion; the reference clip (ref audio + ref motion) is the prompt.
 - a2v:  the latents of `audio` are fed as the speech half of every token; only the motion head samples.
 - v2a:  the motion of `video` (or `motion`) is fed as the motion half of every token; only the speech head
@@ -17,19 +19,23 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 
 import audio as audio_io
 import video_io
-from motion_stats import MOTION_DIM, denormalize_motion, normalize_motion
+from atomic import atomic_outputs
+from constants import CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, SAMPLES_PER_FRAME
+from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
+from motion_stats import denormalize_motion, normalize_motion
+from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
+from request import GenerationRequest, RequestError
 
 REPO_ROOT = Path(__file__).resolve().parent
 SAMPLES = REPO_ROOT / "samples"
@@ -37,16 +43,11 @@ DEFAULT_TEXT_FILE = SAMPLES / "default_text.txt"
 DEFAULT_REF_AUDIO = SAMPLES / "reference_voice.wav"
 DEFAULT_REF_VIDEO = SAMPLES / "reference_face.mp4"
 
-MODES = ("t2av", "a2v", "v2a", "tts")
-FPS = 25  # latent and video frame rate of the model
-SAMPLE_RATE = 24000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 960
-MAX_SECONDS = 30
-MAX_FRAMES = FPS * MAX_SECONDS  # 750: the reference's FIXED_MOTION_LEN
-MIN_SECONDS = 0.1  # shorter clips give fewer than a few latent frames
-
 RANDOM_WEIGHTS_BANNER = ("*** DEMO: tiny RANDOMLY INITIALISED models: the output is noise-like speech and a "
                          "garbled face, NOT Talker-T2AV quality. Use real weights for real results. ***")
+
+# progress: True (tqdm bars on stderr), False / None (silent), or a callable (stage, done, total)
+Progress = Union[bool, None, Callable[[str, int, int], None]]
 
 
 @dataclass
@@ -60,9 +61,10 @@ class GenerationResult:
     generated_motion_norm: Optional[torch.Tensor]  # (frames, 40) what the motion head sampled (normalised)
     n_patches: int
     stopped_by: str
-    sample_rate: int = SAMPLE_RATE
+    sample_rate: int = CODEC_SAMPLE_RATE
     fps: int = FPS
     prefix_frames: int = 0  # leading output frames that replay the reference clip (t2av/tts)
+    plan: Optional[LengthPlan] = None
     video_path: Optional[str] = None
     wav_path: Optional[str] = None
     latents_path: Optional[str] = None
@@ -85,46 +87,62 @@ class GenerationResult:
                 f"({self.stopped_by}); " + " · ".join(parts) + f" · total {sum(t.values()):.1f}s")
 
 
-# ------------------------------------------------------------------------------------------ input checks
-
-def _bad(where, problem) -> ValueError:
-    return ValueError(f"{where}: {problem}")
-
+# ------------------------------------------------------------------------------------------ input files
 
 def load_motion_file(path) -> torch.Tensor:
-    """A reference-format motion file (torch.save of a (T, 40) tensor of raw LIA-X motion) -> (T, 40) float32."""
+    """A motion file -> (T, 40) raw LIA-X motion, float32. Reads the reference format (torch.save of a
+    (T, 40) tensor, loaded weights-only) and this project's <output>.latents.safetensors (its motion_raw)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such motion file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a motion file"
-        raise _bad(path, f"not a motion file (torch.load weights_only=True failed: {type(e).__name__})") from None
+        raise FileNotFoundError(f"{path}: file not found")
+    if path.endswith(".safetensors"):
+        obj = _motion_from_latents_file(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a motion file"
+            raise ValueError(f"{path}: not a motion file (torch.load weights_only=True failed: "
+                             f"{type(e).__name__})") from None
     if not isinstance(obj, torch.Tensor):
-        raise _bad(path, f"expected a (frames, {MOTION_DIM}) tensor, found a {type(obj).__name__}")
+        raise ValueError(f"{path}: expected a (frames, {MOTION_DIM}) tensor, found a {type(obj).__name__}")
     if obj.dim() != 2 or obj.shape[1] != MOTION_DIM or obj.shape[0] == 0:
-        raise _bad(path, f"expected a (frames, {MOTION_DIM}) motion tensor, got shape {tuple(obj.shape)}")
+        raise ValueError(f"{path}: expected a (frames, {MOTION_DIM}) motion tensor, got shape {tuple(obj.shape)}")
     if not obj.is_floating_point():
-        raise _bad(path, f"motion must be floating point, got {obj.dtype}")
+        raise ValueError(f"{path}: motion must be floating point, got {obj.dtype}")
     motion = obj.detach().float()
     if not torch.isfinite(motion).all():
-        raise _bad(path, "motion contains NaN or infinite values")
+        raise ValueError(f"{path}: motion contains NaN or infinite values")
     return motion
 
 
-def _load_audio_checked(path, what: str):
-    """prepare_reference_audio, refusing clips over 30 s (the model's length limit)."""
+def _motion_from_latents_file(path: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            if "motion_raw" not in f.keys():
+                raise ValueError(f"{path}: no motion_raw in this latents file (a tts run has no motion)")
+            return f.get_tensor("motion_raw")
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def load_audio_checked(path, what: str) -> audio_io.ReferenceAudio:
+    """The model's inputs of an audio file, refusing clips shorter than 0.1 s or longer than 30 s."""
     wav, sr = audio_io.load_audio(path)
     seconds = wav.numel() / sr
     if seconds < MIN_SECONDS:
-        raise _bad(path, f"{what} is {seconds * 1000:.0f} ms long; at least {MIN_SECONDS * 1000:.0f} ms is needed")
+        raise ValueError(f"{path}: {what} is {seconds * 1000:.0f} ms long; at least {MIN_SECONDS * 1000:.0f} ms "
+                         "is needed")
     if seconds > MAX_SECONDS + 1e-3:
-        raise _bad(path, f"{what} is {seconds:.1f} s long; at most {MAX_SECONDS} s is supported (trim it, "
+        raise ValueError(f"{path}: {what} is {seconds:.1f} s long; at most {MAX_SECONDS} s is supported (trim it, "
                          f"e.g. ffmpeg -i IN -t {MAX_SECONDS} OUT.wav)")
-    return audio_io.prepare_reference_audio(path)
+    return audio_io.reference_audio(wav, sr)
 
 
-def _resample_indices(n_frames: int, fps_in: float) -> np.ndarray:
+def resample_indices(n_frames: int, fps_in: float) -> np.ndarray:
     """Indices of the source frames nearest to a 25 fps timeline covering the same duration."""
     if abs(fps_in - FPS) < 1e-3:
         return np.arange(n_frames)
@@ -132,29 +150,109 @@ def _resample_indices(n_frames: int, fps_in: float) -> np.ndarray:
     return np.minimum((np.arange(n_out) * fps_in / FPS + 1e-6).astype(np.int64), n_frames - 1)
 
 
-def _output_paths(output, mode: str):
-    """(mp4 or None, wav, base) for an --output path; tts writes only the wav."""
+def _video_timeline(video):
+    """(frames on the model's 25 fps timeline, at most 750; the file's frame rate)."""
+    info = video_io.probe(video)
+    if not info.get("n_frames"):
+        raise ValueError(f"{video}: no video stream (audio-only or not a video)")
+    fps = float(info.get("fps") or FPS)
+    return min(len(resample_indices(int(info["n_frames"]), fps)), MAX_FRAMES), fps
+
+
+@dataclass
+class OutputPaths:
+    mp4: Optional[str]  # None for tts
+    wav: str
+    latents: Optional[str]  # None unless save_latents
+
+
+def output_paths(output, mode: str, save_latents: bool = False) -> OutputPaths:
+    """Where a request writes, checked before anything runs: the suffix, and a folder that can be written."""
     out = Path(os.path.expanduser(os.fspath(output)))
     ext = out.suffix.lower()
     if ext not in ("", ".mp4", ".wav"):
-        raise _bad(output, "--output must end in .mp4 (or .wav for --mode tts)")
-    if out.exists() and out.is_dir():
-        raise _bad(output, "--output is a directory")
-    base = out.with_suffix("") if ext else out
-    mp4 = None if mode == "tts" else str(base) + ".mp4"
-    return mp4, str(base) + ".wav", str(base)
+        raise RequestError("output", f"{output}: must end in .mp4 (or .wav for mode tts)")
+    if out.is_dir():
+        raise RequestError("output", f"{output}: is a directory")
+    _check_writable_folder(output, out.parent)
+    base = str(out.with_suffix("") if ext else out)
+    return OutputPaths(None if mode == "tts" else base + ".mp4", base + ".wav",
+                       base + ".latents.safetensors" if save_latents else None)
 
 
-def _tmp_beside(path: str, suffix: str) -> str:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return str(p.parent / f".{p.name}.{secrets.token_hex(4)}.tmp{suffix}")
+def _check_writable_folder(output, folder: Path) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RequestError("output", f"{output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RequestError("output", f"{output}: the folder {existing} is not writable")
 
 
-def _progress_bar(total, desc, unit, enabled):
+# ------------------------------------------------------------------------------------------ requests
+
+def resolve_request(request: Optional[GenerationRequest] = None, **kwargs) -> GenerationRequest:
+    """A validated copy of a request (and/or fields as keyword arguments), with the bundled samples filled
+    in where the mode needs an input. Opens no file."""
+    req = GenerationRequest.from_mapping(kwargs, base=request).validate()
+    if req.text is None:
+        req.text = "" if req.mode == "a2v" else DEFAULT_TEXT_FILE.read_text(encoding="utf-8")
+    req.text = req.text.strip()
+    if not req.text and req.mode != "a2v":
+        raise RequestError("text", f"empty text: {req.mode} needs the words to speak")
+    req.ref_audio = req.ref_audio or str(DEFAULT_REF_AUDIO)
+    req.ref_video = req.ref_video or str(DEFAULT_REF_VIDEO)
+    if req.mode == "a2v":
+        req.audio = req.audio or str(DEFAULT_REF_AUDIO)
+    if req.mode == "v2a" and req.motion is None:
+        req.video = req.video or str(DEFAULT_REF_VIDEO)
+    return req
+
+
+def input_files(req: GenerationRequest) -> dict:
+    """{field: path} of the files a resolved request reads."""
+    uses = {"ref_audio": True, "ref_motion": req.mode != "tts",
+            "ref_video": req.mode in ("t2av", "a2v") or (req.mode == "v2a" and (req.motion is not None
+                                                                               or req.ref_motion is None)),
+            "audio": req.mode == "a2v", "video": req.mode == "v2a" and req.motion is None,
+            "motion": req.mode == "v2a"}
+    return {name: getattr(req, name) for name, used in uses.items() if used and getattr(req, name) is not None}
+
+
+def preflight(request: Optional[GenerationRequest] = None, **kwargs) -> GenerationRequest:
+    """resolve_request, then the checks that need no model: every input file exists and is a regular
+    file, and the output can be written. Run before any model loads."""
+    req = resolve_request(request, **kwargs)
+    for path in input_files(req).values():
+        p = Path(os.path.expanduser(path))
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: file not found")
+        if not p.is_file():
+            raise ValueError(f"{path}: not a regular file")
+    if req.output is not None:
+        output_paths(req.output, req.mode, req.save_latents)
+    return req
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+@contextmanager
+def progress_reporter(progress: Progress, stage: str, total: int, unit: str):
+    """Yield update(done): a tqdm bar, the caller's callback(stage, done, total), or nothing."""
+    if callable(progress):
+        yield lambda done: progress(stage, int(done), int(total))
+        return
+    if not progress:
+        yield lambda done: None
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=stage, unit=unit, leave=False, dynamic_ncols=True)
+    try:
+        yield lambda done: bar.update(done - bar.n)
+    finally:
+        bar.close()
 
 
 @contextmanager
@@ -186,34 +284,144 @@ def demo_tokenizer(model_max_length: int = 1000):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>", "<SPEECH_FRAME>", "<MOTION_FRAME>"],
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>", SPEECH_TOKEN, MOTION_TOKEN],
         chat_template=_DEMO_CHAT_TEMPLATE, model_max_length=model_max_length, padding_side="right")
+    return tokenizer
 
 
-def _tokenizer_for(checkpoint_dir, llm_name, model_max_length):
-    """The checkpoint folder's tokenizer, else --llm-name's (local path or hub cache only)."""
-    from speech_llm import load_tokenizer
-
+def tokenizer_for(checkpoint_dir, llm_name, model_max_length):
+    """The checkpoint folder's tokenizer, else llm_name's (a local folder or the hub cache only)."""
     folder = Path(checkpoint_dir)
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         return load_tokenizer(folder, model_max_length=model_max_length)
     if llm_name:
-        from transformers import AutoTokenizer
-
-        from speech_llm import MOTION_TOKEN, SPEECH_TOKEN
-        try:  # local folder or hub cache only: nothing is downloaded at run time
-            tokenizer = AutoTokenizer.from_pretrained(llm_name, model_max_length=model_max_length,
-                                                      padding_side="right", local_files_only=True)
+        try:  # nothing is downloaded at run time
+            return load_tokenizer(llm_name, model_max_length=model_max_length)
         except Exception:  # noqa: BLE001 - reported below with the ways forward
-            tokenizer = None
-        if tokenizer is not None:
-            if SPEECH_TOKEN not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": [SPEECH_TOKEN, MOTION_TOKEN]})
-            return tokenizer
+            pass
     raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json) in the checkpoint folder and "
-                            f"--llm-name {llm_name!r} is not available offline")
+                            f"the tokenizer {llm_name!r} is not available offline")
+
+
+# ------------------------------------------------------------------------------------------ per mode
+
+@dataclass
+class ModeInputs:
+    """What a mode feeds the loop and its outputs, read from the request's files."""
+    ref: audio_io.ReferenceAudio  # the reference voice
+    ref_latents: torch.Tensor  # (Ls, 32) WhisperX-VAE latents of the reference voice
+    speaker: torch.Tensor  # (1, 256) speaker embedding of the reference voice
+    ref_motion_frames: int = 0  # length of the reference motion (t2av/a2v/v2a)
+    ref_motion_raw: Optional[torch.Tensor] = None  # (Tm, 40) when read from a file; else extracted after planning
+    face: Optional[np.ndarray] = None  # (H, W, 3) uint8 identity frame to render on
+    given_speech: Optional[torch.Tensor] = None  # a2v: (N, 32) latents of the driving audio
+    driving_audio_24k: Optional[torch.Tensor] = None  # a2v: the waveform the output carries
+    given_motion_raw: Optional[torch.Tensor] = None  # v2a: (M, 40) driving motion
+    source_video: Optional[str] = None  # v2a from a video: its frames are the output's
+
+
+def _prepare_reference(pipe, req, *, with_motion: bool, needs_face: bool) -> ModeInputs:
+    ref = load_audio_checked(req.ref_audio, "reference audio")
+    ref_latents, speaker = pipe.encode_audio(ref)
+    inputs = ModeInputs(ref, ref_latents, speaker)
+    if with_motion:
+        if req.ref_motion is not None:
+            inputs.ref_motion_raw = load_motion_file(req.ref_motion)[:MAX_FRAMES]
+            inputs.ref_motion_frames = inputs.ref_motion_raw.shape[0]
+        else:
+            inputs.ref_motion_frames = pipe.video_motion_frames(req.ref_video)
+    if needs_face:
+        inputs.face = video_io.read_first_frame(req.ref_video)
+    return inputs
+
+
+def prepare_t2av(pipe, req, progress) -> ModeInputs:
+    return _prepare_reference(pipe, req, with_motion=True, needs_face=True)
+
+
+def prepare_tts(pipe, req, progress) -> ModeInputs:
+    return _prepare_reference(pipe, req, with_motion=False, needs_face=False)
+
+
+def prepare_a2v(pipe, req, progress) -> ModeInputs:
+    inputs = _prepare_reference(pipe, req, with_motion=True, needs_face=True)
+    driving = load_audio_checked(req.audio, "audio")
+    inputs.given_speech, _ = pipe.encode_audio(driving)
+    inputs.driving_audio_24k = driving.audio_24k.float().cpu()
+    return inputs
+
+
+def prepare_v2a(pipe, req, progress) -> ModeInputs:
+    inputs = _prepare_reference(pipe, req, with_motion=True, needs_face=req.motion is not None)
+    if req.motion is not None:
+        inputs.given_motion_raw, source = load_motion_file(req.motion), req.motion
+    else:
+        frames, fps_in = video_io.read_frames(req.video)
+        idx = resample_indices(len(frames), fps_in)
+        if len(idx) > MAX_FRAMES:
+            raise ValueError(f"{req.video}: video is {len(frames) / fps_in:.1f} s long; at most {MAX_SECONDS} s "
+                             "is supported")
+        inputs.given_motion_raw = pipe.extract_motion(frames[idx], progress, "video motion")
+        inputs.source_video, source = req.video, req.video
+    if inputs.given_motion_raw.shape[0] > MAX_FRAMES:
+        raise ValueError(f"{source}: motion has {inputs.given_motion_raw.shape[0]} frames; at most {MAX_FRAMES} "
+                         f"({MAX_SECONDS} s at {FPS} fps) are supported")
+    return inputs
+
+
+@dataclass
+class Assembled:
+    speech_latents: torch.Tensor  # (F, 32) the latents of the output audio
+    audio_24k: torch.Tensor  # (F * 960,) the output waveform
+    motion_raw: Optional[torch.Tensor]  # (F, 40) the output motion (None for tts)
+    prefix_frames: int  # leading frames replaying the reference clip
+
+
+def assemble_t2av(pipe, inputs, out) -> Assembled:
+    """As the reference: the output starts with the prefix replayed from the reference clip."""
+    speech = torch.cat([out.prefix_speech_latents.float().cpu(), out.speech_latents.float().cpu()])
+    n_prefix = out.prefix_motion_norm.shape[0]
+    motion = torch.cat([inputs.ref_motion_raw[:n_prefix], denormalize_motion(out.motion_norm.float().cpu())])
+    return Assembled(speech, pipe.decode(speech), motion, n_prefix)
+
+
+def assemble_tts(pipe, inputs, out) -> Assembled:
+    prefix = out.prefix_speech_latents.float().cpu()
+    speech = torch.cat([prefix, out.speech_latents.float().cpu()])
+    return Assembled(speech, pipe.decode(speech), None, prefix.shape[0])
+
+
+def assemble_a2v(pipe, inputs, out) -> Assembled:
+    """The input audio, and the motion sampled along it."""
+    n = inputs.given_speech.shape[0]
+    motion = denormalize_motion(out.motion_norm.float().cpu()[:n])
+    return Assembled(inputs.given_speech.cpu(), inputs.driving_audio_24k, motion, 0)
+
+
+def assemble_v2a(pipe, inputs, out) -> Assembled:
+    """The input motion, and the speech sampled along it."""
+    speech = out.speech_latents.float().cpu()[:inputs.given_motion_raw.shape[0]]
+    return Assembled(speech, pipe.decode(speech), inputs.given_motion_raw, 0)
+
+
+MODES = {"t2av": (prepare_t2av, assemble_t2av), "a2v": (prepare_a2v, assemble_a2v),
+         "v2a": (prepare_v2a, assemble_v2a), "tts": (prepare_tts, assemble_tts)}
+
+
+def _trim_prefix(a: Assembled) -> Assembled:
+    n = a.prefix_frames
+    return Assembled(a.speech_latents[n:], a.audio_24k[n * SAMPLES_PER_FRAME:],
+                     None if a.motion_raw is None else a.motion_raw[n:], 0)
+
+
+def _check_finite(a: Assembled) -> None:
+    """Never write a waveform or motion with NaN/inf, whatever produced it."""
+    for name, tensor in (("audio", a.audio_24k), ("motion", a.motion_raw), ("speech latents", a.speech_latents)):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise ValueError(f"generation produced non-finite {name} (NaN or inf); nothing was written "
+                             "(check the sampling settings and the weights)")
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -253,13 +461,9 @@ class TalkerPipeline:
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype in (torch.bfloat16, torch.float16) and device.type != "cuda":
-            raise ValueError(f"--dtype {str(dtype).replace('torch.', '')}: reduced-precision backbone needs CUDA "
-                             "(on CPU the model runs in float32)")
-        extra = {}
-        if wavlm_repo:
-            extra["wavlm_repo"] = wavlm_repo
-        if wavlm_filename:
-            extra["wavlm_filename"] = wavlm_filename
+            raise RequestError("dtype", f"{str(dtype).replace('torch.', '')}: reduced-precision backbone needs CUDA "
+                                        "(on CPU the model runs in float32)")
+        extra = {k: v for k, v in (("wavlm_repo", wavlm_repo), ("wavlm_filename", wavlm_filename)) if v}
         paths = weights.locate(checkpoint_dir, whisperx_vae_ckpt, liax_ckpt, wavlm_ckpt, **extra)
         needs = tuple(needs or weights.COMPONENTS)
         if download and paths.missing(needs):
@@ -267,7 +471,7 @@ class TalkerPipeline:
         paths.require(needs)
 
         llm = SpeechLLM.from_pretrained(paths.checkpoint_dir, device=device, llm_dtype=dtype)
-        tokenizer = _tokenizer_for(paths.checkpoint_dir, llm_name, llm.model_args.model_max_length)
+        tokenizer = tokenizer_for(paths.checkpoint_dir, llm_name, llm.model_args.model_max_length)
         vae = whisperx_vae.load_whisperx_vae(paths.whisperx_vae, device=device)
         spk = speaker_verification.init_model("wavlm_large", paths.wavlm, wavlm_checkpoint=wavlm_backbone_ckpt)
         pipe = cls(llm, tokenizer, vae, spk.to(device).eval(), None, liax_ckpt=paths.liax, device=device,
@@ -277,30 +481,34 @@ class TalkerPipeline:
 
     @classmethod
     def demo(cls, device="cpu", seed: int = 0, render_dtype=torch.float32, render_batch_size=None,
-             verbose: bool = True) -> "TalkerPipeline":
-        """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline."""
+             checkpoint_dir=None) -> "TalkerPipeline":
+        """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
+        checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
+        in place of the random one (with its tokenizer when the folder has one)."""
         import lia_x
         import speaker_verification
         import whisperx_vae
         from speech_llm import SpeechLLM, tiny_model_args_and_config
 
         t0 = time.perf_counter()
-        if verbose:
-            print(RANDOM_WEIGHTS_BANNER, flush=True)
         args, config = tiny_model_args_and_config()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             llm = SpeechLLM(args, config).eval()
             torch.manual_seed(seed + 1)
             vae = whisperx_vae.WhisperXVAE(whisperx_vae.tiny_cfg(), whisperx_vae.tiny_whisper_dims()).eval()
+        tokenizer = demo_tokenizer(args.model_max_length)
+        if checkpoint_dir is not None:
+            llm = SpeechLLM.from_pretrained(checkpoint_dir)
+            if (Path(checkpoint_dir) / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(checkpoint_dir, llm.model_args.model_max_length)
         spk = speaker_verification.tiny_speaker_encoder(seed + 2)
         gen = lia_x.tiny_generator(seed + 3)
         if render_dtype != torch.float32:
             lia_x.cast_conv_weights(gen, render_dtype)
         device = torch.device(device)
-        pipe = cls(llm.to(device), demo_tokenizer(args.model_max_length), vae.to(device), spk.to(device),
-                   gen.to(device), device=device, render_dtype=render_dtype, render_batch_size=render_batch_size,
-                   is_demo=True)
+        pipe = cls(llm.to(device), tokenizer, vae.to(device), spk.to(device), gen.to(device), device=device,
+                   render_dtype=render_dtype, render_batch_size=render_batch_size, is_demo=True)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -308,10 +516,10 @@ class TalkerPipeline:
     def generator(self):
         """LIA-X generator, loaded from `liax_ckpt` on first use."""
         if self._generator is None:
-            if self.liax_ckpt is None:
-                import weights
+            import weights
 
-                raise weights.MissingWeightsError(weights.missing_message(["liax"]))
+            if self.liax_ckpt is None:
+                raise weights.MissingWeightsError(["liax"])
             import lia_x
 
             t0 = time.perf_counter()
@@ -325,279 +533,145 @@ class TalkerPipeline:
 
     # -------------------------------------------------------------- encoders
     @torch.no_grad()
-    def encode_audio(self, ref: "audio_io.ReferenceAudio"):
-        """(latents (speech_len, 32), speaker embedding (1, 256)) as the reference's get_speech_embeddings /
-        get_speaker_embeddings compute them (both cut to speech_len frames)."""
+    def encode_audio(self, ref: audio_io.ReferenceAudio):
+        """(latents (speech_len, 32), speaker embedding (1, 256)), both of the first speech_len frames,
+        as the reference's get_speech_embeddings / get_speaker_embeddings compute them."""
+        from speech_llm import encode_speaker, encode_speech_latents
+
         n = ref.speech_len
-        wav_24k = ref.audio_24k[: n * SAMPLES_PER_FRAME][None, None].to(self.device)
-        latents = self.vae.encode(wav_24k, ref.mel.to(self.device), return_layout="btc")[0].float()
-        wav_16k = ref.audio_16k_pad[: int(n * 16000 / FPS)][None].to(self.device)
-        speaker = self.speaker_encoder(wav_16k).float()
-        return latents, speaker
+        latents = encode_speech_latents(self.vae, ref.audio_24k[None, None].to(self.device), ref.mel.to(self.device), n)
+        speaker = encode_speaker(self.speaker_encoder, ref.audio_16k_pad[None].to(self.device), n)
+        return latents[0].float(), speaker.float()
 
     @torch.no_grad()
-    def extract_motion(self, frames_u8, progress=True, desc="motion") -> torch.Tensor:
+    def extract_motion(self, frames_u8, progress: Progress = True, stage="motion") -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 40) raw LIA-X motion (the LIA-X encoder on every frame)."""
         from lia_x import render as liax_render
 
-        bar = _progress_bar(len(frames_u8), desc, "frame", progress)
-        try:
-            return liax_render.extract_motion(self.generator, frames_u8, progress=lambda n: bar.update(n - bar.n))
-        finally:
-            bar.close()
+        with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
+            return liax_render.extract_motion(self.generator, frames_u8, progress=update)
 
-    def reference_motion(self, ref_motion=None, ref_video=None, n_needed: int = 1, progress=True) -> torch.Tensor:
-        """(T, 40) raw motion of the reference clip, T <= 750.
+    @staticmethod
+    def video_motion_frames(video) -> int:
+        """Frames of a video on the model's 25 fps timeline, at most 750."""
+        return _video_timeline(video)[0]
 
-        From `ref_motion` (a .pt file) when given, else extracted from `ref_video` with the LIA-X encoder.
-        The inference loop reads only the first max(1, prefix) rows (the first is the motion head's global
-        condition, the rest the prompt prefix); the clip length only sets the length cap. So only those rows
-        are extracted and the rest repeat the last one (a full-scale encoder pass costs seconds per frame on CPU).
-        """
-        if ref_motion is not None:
-            return load_motion_file(ref_motion)[:MAX_FRAMES]
-        info = video_io.probe(ref_video)
-        if not info.get("n_frames"):
-            raise _bad(ref_video, "video has no frames")
-        n_total = len(_resample_indices(int(info["n_frames"]), float(info.get("fps") or FPS)))
-        n_total = min(n_total, MAX_FRAMES)
+    def reference_motion(self, ref_video, n_needed: int = 1, progress: Progress = True) -> torch.Tensor:
+        """(T, 40) raw motion of a reference video, T <= 750, of which only the first n_needed rows are
+        extracted (the rest repeat the last one): the loop reads only the prefix rows (the first is the
+        motion head's global condition); the clip length only sets the length cap. A full-scale encoder
+        pass costs seconds per frame on CPU."""
+        n_total, fps_src = _video_timeline(ref_video)
         n_read = max(1, min(n_needed, n_total))
-        fps_src = float(info.get("fps") or FPS)
         frames, fps_in = video_io.read_frames(ref_video, max_frames=int(math.ceil(n_read * max(fps_src, FPS) / FPS)) + 1)
-        frames = frames[_resample_indices(len(frames), fps_in)][:n_read]
-        motion = self.extract_motion(frames, progress=progress, desc="reference motion")
+        frames = frames[resample_indices(len(frames), fps_in)][:n_read]
+        motion = self.extract_motion(frames, progress, "reference motion")
         if motion.shape[0] < n_total:
             motion = torch.cat([motion, motion[-1:].expand(n_total - motion.shape[0], -1)])
         return motion
 
-    # -------------------------------------------------------------- prompt
-    def prompt(self, text: str, speech_frames: int, motion_frames: int, where="--text"):
-        from speech_llm import build_chat_and_spans
-
-        max_len = int(self.llm.model_args.model_max_length)
-        kw = dict(patch_size=self.patch_size, text=text, delay=self.llm.delay)
-        ids, _, span = build_chat_and_spans(self.tokenizer, 10 ** 9, speech_frames, motion_frames, **kw)
-        if ids.shape[1] > max_len:
-            n_text = ids.shape[1] - int(span[1] - span[0])
-            raise _bad(where, f"text too long for the length cap: the prompt needs {ids.shape[1]} tokens "
-                              f"({n_text} for the text and chat markup + {int(span[1] - span[0])} patch "
-                              f"placeholders), the model takes at most {max_len}")
-        return ids, int(span[0])
-
-    # -------------------------------------------------------------- generation
-    def generate(self, mode: str = "t2av", text: Optional[str] = None, ref_audio=None, ref_video=None,
-                 ref_motion=None, audio=None, video=None, motion=None, *, seed: Optional[int] = 0,
-                 cfm_steps: int = 10, cfm_temperature: float = 0.3, cfm_cfg: float = 2.0,
-                 gt_prefix_seconds: float = 0.5, fps: int = FPS, output=None, save_latents: bool = False,
-                 trim_prefix: bool = False, max_seconds: Optional[float] = None,
-                 progress: bool = True) -> GenerationResult:
-        """Run one request. Inputs default to the bundled samples (text: samples/default_text.txt, except
-        a2v whose text defaults to "" = no transcript). With `output`, writes the mp4 (not for tts) and the
-        wav beside it, all-or-nothing; `save_latents` adds <output>.latents.safetensors.
-
-        max_seconds (t2av/tts): cap on the generated length. Default: the released cap, the reference
-        clip's length (minus the prefix) + 15 patches (0.6 s)."""
-        if mode not in MODES:
-            raise _bad("--mode", f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-        if int(fps) != FPS:
-            raise _bad("--fps", f"the model works at {FPS} frames per second; {fps} is not supported")
-        if int(cfm_steps) < 1:
-            raise _bad("--cfm-steps", f"must be >= 1, got {cfm_steps}")
-        if cfm_temperature < 0 or cfm_cfg < 0 or not 0 <= gt_prefix_seconds <= MAX_SECONDS:
-            raise _bad("sampling", "--cfm-temperature and --cfm-cfg must be >= 0 and --gt-prefix-seconds "
-                                   f"in [0, {MAX_SECONDS}]")
-        if max_seconds is not None and not 0 < max_seconds <= MAX_SECONDS:
-            raise _bad("--max-seconds", f"must be in (0, {MAX_SECONDS}], got {max_seconds}")
-        if text is None:
-            text = "" if mode == "a2v" else DEFAULT_TEXT_FILE.read_text(encoding="utf-8").strip()
-        text = str(text).strip()
-        if not text and mode != "a2v":
-            raise _bad("--text", f"empty text: {mode} needs the words to speak")
-        ref_audio = ref_audio or DEFAULT_REF_AUDIO
-        ref_video = ref_video or DEFAULT_REF_VIDEO
-        if mode == "a2v":
-            audio = audio or DEFAULT_REF_AUDIO
-        if mode == "v2a" and motion is None:
-            video = video or DEFAULT_REF_VIDEO
-        paths = _output_paths(output, mode) if output is not None else None
-
-        timings = {"load": self.load_seconds} if self.load_seconds else {}
-        self.load_seconds = 0.0  # counted once, in the first result
-        PS = self.patch_size
-        prefix_motion_frames = (min(int(gt_prefix_seconds * FPS), MAX_FRAMES) // PS) * PS
-
-        # ---- inputs: reference clip, driving audio / motion
-        with _timed(timings, "inputs"):
-            ref = _load_audio_checked(ref_audio, "reference audio")
-            ref_latents, speaker = self.encode_audio(ref)
-            ref_motion_raw = face = None
-            if mode != "tts":
-                ref_motion_raw = self.reference_motion(ref_motion, ref_video, max(1, prefix_motion_frames), progress)
-            needs_face = mode in ("t2av", "a2v") or (mode == "v2a" and video is None)
-            if needs_face:
-                face = video_io.read_first_frame(ref_video)
-            given_speech = given_motion = None
-            driving_audio = None
-            if mode == "a2v":
-                driving_audio = _load_audio_checked(audio, "audio")
-                given_speech, _ = self.encode_audio(driving_audio)
-                speech_frames = motion_frames = given_speech.shape[0]
-            elif mode == "v2a":
-                if motion is not None:
-                    driving_raw = load_motion_file(motion)
-                    source = motion
-                else:
-                    frames, fps_in = video_io.read_frames(video)
-                    idx = _resample_indices(len(frames), fps_in)
-                    source = video
-                    if len(idx) > MAX_FRAMES:
-                        raise _bad(video, f"video is {len(frames) / fps_in:.1f} s long; at most {MAX_SECONDS} s "
-                                          "is supported")
-                    driving_raw = self.extract_motion(frames[idx], progress=progress, desc="video motion")
-                    del frames
-                if driving_raw.shape[0] > MAX_FRAMES:
-                    raise _bad(source, f"motion has {driving_raw.shape[0]} frames; at most {MAX_FRAMES} "
-                                       f"({MAX_SECONDS} s at {FPS} fps) are supported")
-                given_motion = normalize_motion(driving_raw)
-                speech_frames = motion_frames = driving_raw.shape[0]
-            else:
-                speech_frames = ref.speech_len
-                motion_frames = 0 if mode == "tts" else ref_motion_raw.shape[0]
-            input_ids, speech_start = self.prompt(text, speech_frames, motion_frames)
-
-        # ---- the inference loop
-        ref_motion_norm = None if ref_motion_raw is None else normalize_motion(ref_motion_raw)
-        total = self._expected_patches(mode, ref_latents.shape[0], ref_motion_norm, given_speech, given_motion,
-                                       gt_prefix_seconds)
-        extra_patches = 15  # the released loop's margin over the reference clip's length
-        if max_seconds is not None and given_speech is None and given_motion is None:
-            cap = math.ceil(max_seconds * FPS / PS)
-            extra_patches, total = extra_patches + cap - total, cap
-        bar = _progress_bar(total, f"{mode} patches", "patch", progress)
-        with _timed(timings, "generate"):
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            try:
-                out = self.llm.generate(
-                    input_ids, speech_start, ref_latents, speaker, ref_motion_norm,
-                    gt_prefix_seconds=gt_prefix_seconds, fps=FPS, cfm_steps=int(cfm_steps),
-                    cfm_temperature=float(cfm_temperature), cfm_cfg=float(cfm_cfg),
-                    given_speech_latents=given_speech, given_motion_norm=given_motion, extra_patches=extra_patches,
-                    task="tts" if mode == "tts" else "t2av", progress=lambda n: bar.update(n - bar.n))
-            finally:
-                bar.close()
-
-        # ---- assemble the outputs of each mode
-        gen_speech = out.speech_latents.float().cpu()
-        gen_motion_norm = out.motion_norm.float().cpu() if mode != "tts" else None
-        prefix_frames = 0
-        motion_raw = None
-        with _timed(timings, "decode"):
-            if mode == "a2v":  # the input audio, and the motion sampled along it
-                speech_latents = given_speech.cpu()
-                wav = driving_audio.audio_24k.float().cpu()
-                motion_raw = denormalize_motion(gen_motion_norm[:speech_frames])
-            elif mode == "v2a":  # the input motion, and the speech sampled along it
-                speech_latents = gen_speech[:speech_frames]
-                wav = self._decode(speech_latents)
-                motion_raw = driving_raw
-            else:  # as the reference: the output starts with the prefix replayed from the reference clip
-                prefix_speech = out.prefix_speech_latents.float().cpu()
-                speech_latents = torch.cat([prefix_speech, gen_speech])
-                wav = self._decode(speech_latents)
-                if mode == "t2av":
-                    prefix_frames = out.prefix_motion_norm.shape[0]
-                    motion_raw = torch.cat([ref_motion_raw[:prefix_frames], denormalize_motion(gen_motion_norm)])
-                else:
-                    prefix_frames = prefix_speech.shape[0]
-                if trim_prefix and prefix_frames:
-                    wav = wav[prefix_frames * SAMPLES_PER_FRAME:]
-                    speech_latents = speech_latents[prefix_frames:]
-                    if motion_raw is not None:
-                        motion_raw = motion_raw[prefix_frames:]
-                    prefix_frames = 0
-
-        result = GenerationResult(
-            mode=mode, text=text, seed=seed, audio_24k=wav, speech_latents=speech_latents, motion_raw=motion_raw,
-            generated_motion_norm=gen_motion_norm, n_patches=out.n_patches, stopped_by=out.stopped_by,
-            prefix_frames=prefix_frames, timings=timings)
-        if out.stopped_by == "length_cap":
-            result.warnings.append(
-                f"generation hit the length cap ({out.n_patches} patches = {out.n_patches * PS / FPS:.1f} s) before "
-                "the model chose to stop: the text may be cut short; use a longer reference clip or --max-seconds")
-        if paths is not None:
-            with _timed(timings, "render"):
-                self._write(result, paths, face, video if mode == "v2a" else None, save_latents, progress)
-        return result
-
-    # -------------------------------------------------------------- helpers
-    def _expected_patches(self, mode, n_ref_latents, ref_motion_norm, given_speech, given_motion, prefix_s):
-        """Steps the loop will run at most (for the progress bar)."""
-        PS, D = self.patch_size, self.llm.delay
-        if given_speech is not None:
-            return math.ceil(given_speech.shape[0] / PS)
-        if given_motion is not None:
-            return math.ceil(given_motion.shape[0] / PS) + D
-        if mode == "tts":
-            prefix = math.ceil(max(0, min(int(round(prefix_s * FPS)), n_ref_latents)) / PS)
-            return max(0, math.ceil(max(1, n_ref_latents) / PS) - prefix + 15)
-        motion_len = max(PS, (ref_motion_norm.shape[0] // PS) * PS)
-        total = max(math.ceil(n_ref_latents / PS), motion_len // PS + D)
-        prefix_patches = (max(0, min(int(prefix_s * FPS), motion_len)) // PS)
-        return max(0, total - min(prefix_patches + D, total) + 15)
-
     @torch.no_grad()
-    def _decode(self, speech_latents_td: torch.Tensor) -> torch.Tensor:
+    def decode(self, speech_latents_td: torch.Tensor) -> torch.Tensor:
+        """(F, 32) latents -> (F * 960,) float32 waveform at 24 kHz."""
         if speech_latents_td.shape[0] == 0:
             return torch.zeros(0)
         wav = self.vae.decode(speech_latents_td[None].to(self.device), latent_layout="btc")
         return wav.reshape(-1).float().cpu()
 
-    def _write(self, result: GenerationResult, paths, face, source_video, save_latents, progress):
-        """mp4 + wav (+ latents), all-or-nothing: temp files beside the targets, renamed at the end."""
+    # -------------------------------------------------------------- generation
+    def generate(self, request: Optional[GenerationRequest] = None, *, progress: Progress = True,
+                 **kwargs) -> GenerationResult:
+        """Run one request (a GenerationRequest and/or its fields as keyword arguments). Inputs default to
+        the bundled samples (text: samples/default_text.txt, except a2v whose default is no transcript).
+        With `output`, writes the mp4 (not for tts) and the wav beside it, all-or-nothing; `save_latents`
+        adds <output>.latents.safetensors."""
+        req = resolve_request(request, **kwargs)
+        paths = output_paths(req.output, req.mode, req.save_latents) if req.output is not None else None
+        prepare, assemble = MODES[req.mode]
+        timings = {"load": self.load_seconds} if self.load_seconds else {}
+        self.load_seconds = 0.0  # counted once, in the first result
+        with _timed(timings, "inputs"):
+            inputs = prepare(self, req, progress)
+            plan = self.plan(req, inputs)
+            if req.mode != "tts" and inputs.ref_motion_raw is None:
+                inputs.ref_motion_raw = self.reference_motion(req.ref_video, max(1, plan.prefix_frames), progress)
+            input_ids, speech_start = text_prompt(self.tokenizer, req.text, plan.n_placeholders,
+                                                  int(self.llm.model_args.model_max_length), self.patch_size)
+        with _timed(timings, "generate"):
+            out = self._run(req, inputs, plan, input_ids, speech_start, progress)
+        with _timed(timings, "decode"):
+            assembled = assemble(self, inputs, out)
+            if req.trim_prefix and assembled.prefix_frames:
+                assembled = _trim_prefix(assembled)
+            _check_finite(assembled)
+        result = GenerationResult(
+            mode=req.mode, text=req.text, seed=req.seed, audio_24k=assembled.audio_24k,
+            speech_latents=assembled.speech_latents, motion_raw=assembled.motion_raw,
+            generated_motion_norm=None if req.mode == "tts" else out.motion_norm.float().cpu(),
+            n_patches=out.n_patches, stopped_by=out.stopped_by, prefix_frames=assembled.prefix_frames, plan=plan,
+            timings=timings)
+        if out.stopped_by == "length_cap":
+            result.warnings.append(
+                f"generation hit the length cap ({out.n_patches} patches = {plan.max_seconds:.1f} s) before "
+                "the model chose to stop: the text may be cut short; use a longer reference clip or max_seconds")
+        if paths is not None:
+            with _timed(timings, "render"):
+                self._write(result, paths, inputs, progress)
+        return result
+
+    def plan(self, req: GenerationRequest, inputs: ModeInputs) -> LengthPlan:
+        """The length plan of a request (generation.plan_lengths with the request's lengths)."""
+        return plan_lengths(
+            "tts" if req.mode == "tts" else "t2av", ref_speech_frames=inputs.ref_latents.shape[0],
+            ref_motion_frames=inputs.ref_motion_frames, gt_prefix_seconds=req.gt_prefix_seconds,
+            delay=self.llm.delay, patch_size=self.patch_size,
+            given_speech_frames=None if inputs.given_speech is None else inputs.given_speech.shape[0],
+            given_motion_frames=None if inputs.given_motion_raw is None else inputs.given_motion_raw.shape[0],
+            max_seconds=req.max_seconds)
+
+    def _run(self, req, inputs, plan, input_ids, speech_start, progress):
+        """The patch stream of a request, collected (seeded immediately before the loop)."""
+        ref_motion_norm = None if inputs.ref_motion_raw is None else normalize_motion(inputs.ref_motion_raw)
+        given_motion = None if inputs.given_motion_raw is None else normalize_motion(inputs.given_motion_raw)
+        prompt = build_prompt(self.llm, input_ids, speech_start, inputs.ref_latents, inputs.speaker, plan,
+                              ref_motion_norm)
+        sampling = Sampling(req.cfm_steps, req.cfm_temperature, req.cfm_cfg)
+        stream = PatchStream(self.llm, prompt, plan, sampling, inputs.given_speech, given_motion)
+        torch.manual_seed(req.seed)
+        with progress_reporter(progress, f"{req.mode} patches", plan.max_steps, "patch") as update:
+            return collect(stream, update)
+
+    def _write(self, result: GenerationResult, paths: OutputPaths, inputs: ModeInputs, progress):
+        """mp4 + wav (+ latents), all-or-nothing (atomic.atomic_outputs)."""
         from lia_x import render as liax_render
 
-        mp4, wav_path, base = paths
-        tmp_wav = _tmp_beside(wav_path, ".wav")
-        tmp_lat = _tmp_beside(base + ".latents.safetensors", ".safetensors") if save_latents else None
-        try:
-            audio_io.save_wav(tmp_wav, result.audio_24k, SAMPLE_RATE)
-            if tmp_lat:
-                self._save_latents(result, tmp_lat)
-            if mp4 is not None and source_video is not None:
-                video_io.mux_audio(source_video, tmp_wav, mp4)
-            elif mp4 is not None:
-                bar = _progress_bar(result.n_frames, "render", "frame", progress)
-                try:
-                    frames = liax_render.render_frames(self.generator, face, result.motion_raw.numpy(),
+        with atomic_outputs(paths.mp4, paths.wav, paths.latents) as (tmp_mp4, tmp_wav, tmp_latents):
+            audio_io.save_wav(tmp_wav, result.audio_24k, CODEC_SAMPLE_RATE, atomic=False)
+            if tmp_latents is not None:
+                save_latents(result, tmp_latents)
+            if tmp_mp4 is not None and inputs.source_video is not None:
+                video_io.mux_audio(inputs.source_video, tmp_wav, tmp_mp4, atomic=False)
+            elif tmp_mp4 is not None:
+                with progress_reporter(progress, "render", result.n_frames, "frame") as update:
+                    frames = liax_render.render_frames(self.generator, inputs.face, result.motion_raw.numpy(),
                                                        batch_size=self.render_batch_size, dtype=self.render_dtype,
-                                                       progress=lambda n: bar.update(n - bar.n))
-                    video_io.write_video(mp4, frames, fps=FPS, audio_path=tmp_wav)
-                finally:
-                    bar.close()
-            os.replace(tmp_wav, wav_path)
-            if tmp_lat:
-                os.replace(tmp_lat, base + ".latents.safetensors")
-                result.latents_path = base + ".latents.safetensors"
-        finally:
-            for tmp in (tmp_wav, tmp_lat):
-                if tmp and os.path.exists(tmp):
-                    os.remove(tmp)
-        result.video_path, result.wav_path = mp4, wav_path
+                                                       progress=update)
+                    video_io.write_video(tmp_mp4, frames, fps=FPS, audio_path=tmp_wav, atomic=False)
+        result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
 
-    @staticmethod
-    def _save_latents(result: GenerationResult, path: str):
-        import json
 
-        from safetensors.torch import save_file
+def save_latents(result: GenerationResult, path) -> None:
+    """speech_latents, motion_raw (reusable as a `motion` input) and generated_motion_norm, with metadata."""
+    import json
 
-        tensors = {"speech_latents": result.speech_latents.contiguous()}
-        if result.motion_raw is not None:
-            tensors["motion_raw"] = result.motion_raw.float().contiguous()
-        if result.generated_motion_norm is not None:
-            tensors["generated_motion_norm"] = result.generated_motion_norm.contiguous()
-        meta = {"mode": result.mode, "text": result.text, "seed": str(result.seed), "fps": str(FPS),
-                "n_patches": str(result.n_patches), "stopped_by": result.stopped_by,
-                "prefix_frames": str(result.prefix_frames), "sample_rate": str(SAMPLE_RATE)}
-        save_file(tensors, path, metadata={k: json.dumps(v) if k == "text" else v for k, v in meta.items()})
+    from safetensors.torch import save_file
 
+    tensors = {"speech_latents": result.speech_latents.contiguous()}
+    if result.motion_raw is not None:
+        tensors["motion_raw"] = result.motion_raw.float().contiguous()
+    if result.generated_motion_norm is not None:
+        tensors["generated_motion_norm"] = result.generated_motion_norm.contiguous()
+    meta = {"mode": result.mode, "text": json.dumps(result.text), "seed": str(result.seed), "fps": str(FPS),
+            "n_patches": str(result.n_patches), "stopped_by": result.stopped_by,
+            "prefix_frames": str(result.prefix_frames), "sample_rate": str(CODEC_SAMPLE_RATE)}
+    save_file(tensors, os.fspath(path), metadata=meta)

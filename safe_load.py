@@ -1,8 +1,16 @@
-"""One way to read a torch checkpoint safely: torch.load(weights_only=True), memory-mapped when the
-file allows it (zip format), with an explicit allow-list of extra globals, and every failure turned
-into one ValueError line that names the file (and the global it refused, if that was the problem)."""
+"""Reading checkpoints safely, and saying in one line what is wrong with one that does not fit.
+
+- safe_torch_load: torch.load(weights_only=True), memory-mapped when the file allows it (zip format),
+  with an explicit allow-list of extra globals; every failure is one ValueError line naming the file.
+- key_report: the one strict-load report of every loader (SpeechLLM, WhisperX-VAE, LIA-X, speaker
+  encoder): how many of the expected keys the file holds, what is missing / unexpected / of the wrong
+  shape (first few of each), and what the file looks like instead when it is another model's.
+"""
+from __future__ import annotations
+
 import os
 import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,7 +20,11 @@ def _failure_detail(err: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if refused:
         return f"it references {refused.group(1)}, which is not on the allow-list"
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+    # torch's own advice (retry with weights_only=False) is never the way forward here
+    first = text.splitlines()[0][:200] if text else ""
+    if "weights_only" in first or not first:
+        return "not a torch checkpoint (no weights-only pickle or zip archive inside)"
+    return f"{type(err).__name__}: {first}"
 
 
 def safe_torch_load(path, what: str = "torch checkpoint", safe_globals=()):
@@ -20,7 +32,7 @@ def safe_torch_load(path, what: str = "torch checkpoint", safe_globals=()):
     "<path>: not a loadable <what> (...)" when it is not a weights-only checkpoint."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise FileNotFoundError(f"{path}: file not found")
     with torch.serialization.safe_globals(list(safe_globals)):
         try:
             try:
@@ -30,5 +42,75 @@ def safe_torch_load(path, what: str = "torch checkpoint", safe_globals=()):
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # garbage input surfaces as many exception types
-            raise ValueError(f"{path}: not a loadable {what} "
-                             f"(torch.load weights_only=True failed: {_failure_detail(err)})") from None
+            raise ValueError(f"{path}: not a loadable {what} ({_failure_detail(err)})") from None
+
+
+# Key prefixes that identify the checkpoints a user may pass by mistake (checked in this order).
+_KNOWN_LAYOUTS = (
+    (("speech_cfm.", "motion_cfm.", "speech_patch_encoder."), "a Talker-T2AV SpeechLLM checkpoint"),
+    (("patch_encoder.", "motion_cfm."), "a TTS-stage SpeechLLM checkpoint (reference key names)"),
+    (("CodecEnc.", "CodecDec."), "a WhisperX-VAE checkpoint"),
+    (("enc.", "dec."), "a LIA-X generator checkpoint"),
+    (("feature_extract.", "pooling."), "a WavLM ECAPA-TDNN speaker checkpoint"),
+    (("encoder.layers.", "feature_extractor."), "a WavLM (fairseq) checkpoint"),
+    (("model.layers.", "model.embed_tokens."), "a plain Qwen3 / causal-LM checkpoint"),
+    (("encoder.blocks.", "decoder.blocks."), "an OpenAI Whisper checkpoint"),
+)
+
+
+def looks_like(keys) -> str:
+    """A guess at what a state dict is, from its key prefixes ('' when unknown)."""
+    keys = list(keys)
+    for prefixes, name in _KNOWN_LAYOUTS:
+        if all(any(k.startswith(p) for k in keys) for p in prefixes):
+            return name
+    return ""
+
+
+def _first(items, n=3) -> str:
+    items = sorted(items)
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+@dataclass
+class KeyReport:
+    n_expected: int
+    n_matching: int  # expected keys present with the right shape
+    missing: list = field(default_factory=list)
+    unexpected: list = field(default_factory=list)
+    mismatched: list = field(default_factory=list)  # "key (file shape) != (model shape)"
+    looks_like: str = ""
+
+    def ok(self, allow_unexpected: bool = False) -> bool:
+        return not (self.missing or self.mismatched or (self.unexpected and not allow_unexpected))
+
+    def message(self, what: str, allow_unexpected: bool = False) -> str:
+        """One line: 'holds 0 of the 538 SpeechLLM keys (...); looks like a LIA-X generator checkpoint'."""
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (e.g. {_first(self.missing)})")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} of the wrong shape (e.g. {_first(self.mismatched, 2)})")
+        if self.unexpected and not allow_unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (e.g. {_first(self.unexpected)})")
+        text = f"holds {self.n_matching} of the {self.n_expected} {what} keys"
+        if parts:
+            text += ": " + "; ".join(parts)
+        if self.looks_like and self.looks_like.find(what) < 0:
+            text += f"; looks like {self.looks_like}"
+        return text
+
+
+def key_report(expected_shapes: dict, found_shapes: dict, ignore=()) -> KeyReport:
+    """Compare {key: shape} of a model with {key: shape} of a file; keys in `ignore` are not counted."""
+    expected = {k: tuple(v) for k, v in expected_shapes.items() if k not in ignore}
+    found = {k: tuple(v) for k, v in found_shapes.items() if k not in ignore}
+    mismatched = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    return KeyReport(
+        n_expected=len(expected),
+        n_matching=sum(1 for k in expected if found.get(k) == expected[k]),
+        missing=[k for k in expected if k not in found],
+        unexpected=[k for k in found if k not in expected],
+        mismatched=mismatched,
+        looks_like=looks_like(found),
+    )

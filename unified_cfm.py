@@ -1,5 +1,9 @@
 """Conditional flow matching head: Euler sampler with sway sampling + CFG-zero-star, and the
 training loss. Time runs from t=1 (noise) to t=0 (data); the estimator predicts v = noise - data.
+
+The reference's CfmConfig also has sigma_min, solver, inference_cfg_rate, reg_loss_type and
+ratio_r_neq_t_range, and UnifiedCFM a mean-flow mode (mean_mode, a jvp loss); the released model uses
+none of them (Euler only, mean_mode False), so they are not here.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -11,35 +15,27 @@ import torch.nn.functional as F
 from local_dit import VoxCPMLocDiT
 
 
+ZERO_INIT_FRACTION = 0.04  # CFG-zero-star: the first max(1, int(0.04 * (steps + 1))) steps have zero velocity
+
+
 @dataclass
 class CfmConfig:
-    sigma_min: float = 1e-6
-    solver: str = "euler"
     t_scheduler: str = "log-norm"
     training_cfg_rate: float = 0.1
     training_cond_drop_rate: float = 0.05
-    inference_cfg_rate: float = 1.0
-    reg_loss_type: str = "l1"
-    ratio_r_neq_t_range: Tuple[float, float] = (0.25, 0.75)
     noise_cond_prob_range: Tuple[float, float] = (0.0, 0.0)
     noise_cond_scale: float = 0.0
 
 
 class UnifiedCFM(nn.Module):
-    def __init__(self, in_channels: int, cfm_params: CfmConfig, estimator: VoxCPMLocDiT, mean_mode: bool = False):
+    def __init__(self, in_channels: int, cfm_params: CfmConfig, estimator: VoxCPMLocDiT):
         super().__init__()
-        self.solver = cfm_params.solver
-        self.sigma_min = cfm_params.sigma_min
         self.t_scheduler = cfm_params.t_scheduler
         self.training_cfg_rate = cfm_params.training_cfg_rate
         self.training_cond_drop_rate = cfm_params.training_cond_drop_rate
-        self.inference_cfg_rate = cfm_params.inference_cfg_rate
-        self.reg_loss_type = cfm_params.reg_loss_type
-        self.ratio_r_neq_t_range = tuple(cfm_params.ratio_r_neq_t_range)
         self.noise_cond_prob_range = tuple(cfm_params.noise_cond_prob_range)
         self.noise_cond_scale = cfm_params.noise_cond_scale
         self.in_channels = in_channels
-        self.mean_mode = mean_mode
         self.estimator = estimator
 
     # ---------------------------------------------------------------- sampling
@@ -66,7 +62,7 @@ class UnifiedCFM(nn.Module):
     def solve_euler(self, x, t_span, mu, cond, global_cond, cfg_value: float = 1.0, use_cfg_zero_star: bool = True):
         t, dt = t_span[0], t_span[0] - t_span[1]
         n_steps = len(t_span) - 1
-        zero_init_steps = max(1, int(len(t_span) * 0.04))
+        zero_init_steps = max(1, int(len(t_span) * ZERO_INIT_FRACTION))
         b = x.size(0)
         for step in range(1, n_steps + 1):
             if use_cfg_zero_star and step <= zero_init_steps:
@@ -74,7 +70,7 @@ class UnifiedCFM(nn.Module):
             else:
                 # one batched estimator call: conditional rows first, unconditional (mu = 0) rows second
                 t_in = t.reshape(1).expand(2 * b)
-                dt_in = dt.reshape(1).expand(2 * b) if self.mean_mode else torch.zeros_like(t_in)
+                dt_in = torch.zeros_like(t_in)  # the DiT's delta-time input (mean-flow models only)
                 v_both = self.estimator(
                     torch.cat([x, x]), torch.cat([mu, torch.zeros_like(mu)]), t_in,
                     torch.cat([cond, cond]), torch.cat([global_cond, global_cond]), dt_in)
@@ -130,26 +126,12 @@ class UnifiedCFM(nn.Module):
         noisy = torch.rand(b, device=x1.device) > (1.0 - (lo + progress * (hi - lo)))
         cond = cond + noisy.view(-1, 1, 1) * torch.randn_like(cond) * self.noise_cond_scale
 
-        lo, hi = self.ratio_r_neq_t_range
-        ratio_r_neq_t = lo + progress * (hi - lo) if self.mean_mode else 0.0
-        r, t = self.sample_r_t(x1, ratio_r_neq_t=ratio_r_neq_t)
+        r, t = self.sample_r_t(x1)  # r == t: ratio_r_neq_t is 0 without mean flow, the draws still happen
         r, t = r.detach().clone(), t.detach().clone()
         z = torch.randn_like(x1)
         y = (1 - t.view(-1, 1, 1)) * x1 + t.view(-1, 1, 1) * z
-        v = z - x1
-
-        def model_fn(z_sample, r_sample, t_sample):
-            return self.estimator(z_sample, mu, t_sample, cond, global_cond, t_sample - r_sample)
-
-        if self.mean_mode:
-            from torch.func import jvp
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            with sdpa_kernel(SDPBackend.MATH):
-                u_pred, dudt = jvp(model_fn, (y, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
-            u_target = v - (t - r).view(-1, 1, 1) * dudt
-        else:
-            u_pred = model_fn(y, r, t)
-            u_target = v
+        u_target = z - x1
+        u_pred = self.estimator(y, mu, t, cond, global_cond, t - r)
 
         losses = F.mse_loss(u_pred, u_target.detach(), reduction="none").mean(dim=1)  # (b, T)
         if tgt_mask is not None:

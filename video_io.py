@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -23,6 +22,9 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+
+from atomic import atomic_output
+from constants import FPS
 
 # Sample rates AAC-LC signals directly; anything else is resampled to 48 kHz.
 AAC_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
@@ -159,7 +161,7 @@ def read_frames(path, max_frames: int | None = None) -> tuple[np.ndarray, float]
     video = info["video"]
     if video is None:
         raise ValueError(f"{path}: no video stream (audio-only or not a video)")
-    fps = video["fps"] or 25.0
+    fps = video["fps"] or float(FPS)
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
            "-i", str(Path(path).resolve()), "-map", "0:V:0", "-an", "-sn", "-dn",
            "-fps_mode", "passthrough", "-vf", _RGB_FILTER]
@@ -223,16 +225,19 @@ def read_first_frame(path) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _atomic_output(path):
-    """Yield a temp path beside `path`; rename it to `path` on success, delete it otherwise."""
+def _output(path, atomic: bool):
+    """The path to write `path` through: a temp renamed at the end (atomic) or `path` itself, removed on
+    failure (the caller's own temporary name, e.g. one of atomic.atomic_outputs)."""
+    if atomic:
+        with atomic_output(path) as tmp:
+            yield tmp
+        return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        yield path
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _as_batches(frames_iter):
@@ -334,15 +339,15 @@ def _mux(video_src: Path, audio_path, out_tmp: Path, video_duration: float, copy
         raise RuntimeError(f"{path_for_errors}: ffmpeg failed to mux audio ({err})")
 
 
-def write_video(path, frames_iter, fps=25, audio_path=None) -> int:
+def write_video(path, frames_iter, fps=FPS, audio_path=None, atomic: bool = True) -> int:
     """Write RGB uint8 frames (an iterable of (H, W, 3) frames or (b, H, W, 3) batches) to an mp4.
 
     H.264 yuv420p (BT.601 tagged), +faststart; with audio_path, AAC audio padded with silence or
-    trimmed to the video length. Written atomically: on any error or Ctrl-C no file is left at
-    `path` (nor a temp file). Returns the number of frames written.
+    trimmed to the video length. Written atomically (atomic=False: `path` is already a temporary name):
+    on any error or Ctrl-C no file is left at `path` (nor a temp file). Returns the number of frames written.
     """
     audio = _audio_info(audio_path) if audio_path is not None else None  # fail before rendering
-    with _atomic_output(path) as tmp:
+    with _output(path, atomic) as tmp:
         if audio is None:
             return _encode_h264(tmp, frames_iter, fps, path, faststart=True)
         video_only = tmp.with_name(tmp.name + ".video")
@@ -355,11 +360,11 @@ def write_video(path, frames_iter, fps=25, audio_path=None) -> int:
     return n
 
 
-def mux_audio(video_path, wav_path, out_path) -> None:
+def mux_audio(video_path, wav_path, out_path, atomic: bool = True) -> None:
     """out_path = video_path's frames + wav_path's audio (AAC, padded/trimmed to the video).
 
     The video stream is copied when it already is H.264 yuv420p, otherwise re-encoded to it.
-    Atomic like write_video; out_path may equal video_path.
+    Atomic like write_video; out_path may equal video_path (when atomic).
     """
     vinfo = probe(video_path)
     if vinfo["video_codec"] is None:
@@ -368,7 +373,7 @@ def mux_audio(video_path, wav_path, out_path) -> None:
         raise ValueError(f"{video_path}: video has no frames")
     audio = _audio_info(wav_path)
     copy_video = vinfo["video_codec"] == "h264" and vinfo["pix_fmt"] == "yuv420p"
-    with _atomic_output(out_path) as tmp:
+    with _output(out_path, atomic) as tmp:
         _mux(Path(video_path), wav_path, tmp, vinfo["video_duration"], copy_video,
              audio["sample_rate"], out_path)
 

@@ -8,9 +8,12 @@ the HKUSTAudio/Talker-T2AV repository next to --checkpoint-dir, then the local h
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
+
+from request import RequestError
 
 TALKER_REPO = "HKUSTAudio/Talker-T2AV"
 TALKER_SUBDIR = "talker-t2av"
@@ -50,7 +53,12 @@ LICENCES = (
 
 
 class MissingWeightsError(FileNotFoundError):
-    """Raised when weights needed for a run are not found locally; the message lists the ways forward."""
+    """Weights needed for a run are not found locally; the message lists the ways forward (for a library
+    caller; infer.py words them with its flags, from `components`)."""
+
+    def __init__(self, components: Iterable[str]):
+        self.components = list(components)
+        super().__init__(missing_message(self.components))
 
 
 @dataclass
@@ -67,7 +75,7 @@ class WeightPaths:
     def require(self, needs: Iterable[str] = COMPONENTS) -> "WeightPaths":
         missing = self.missing(needs)
         if missing:
-            raise MissingWeightsError(missing_message(missing))
+            raise MissingWeightsError(missing)
         return self
 
 
@@ -78,28 +86,48 @@ def needed_for(mode: str, has_motion_input: bool = False) -> tuple:
     return COMPONENTS
 
 
-def missing_message(missing: Iterable[str]) -> str:
-    items = "; ".join(f"{DESCRIPTIONS[c]} [--{_flag(c)} or ${ENV_VARS[c]}]" for c in missing)
-    return (f"weights not found: {items}. Ways forward: pass the paths (flags or environment variables above), "
-            f"or add --download to fetch them from the Hugging Face hub into its cache (roughly 13 GB; LIA-X "
-            f"weights are CC BY-NC 4.0), or run `python infer.py --demo` for a random-weight demo.")
+# how a caller names each component: TalkerPipeline.from_pretrained's argument, infer.py's flag
+ARGUMENTS = {"checkpoint_dir": "checkpoint_dir", "whisperx_vae": "whisperx_vae_ckpt", "liax": "liax_ckpt",
+             "wavlm": "wavlm_ckpt"}
+
+
+def missing_message(missing: Iterable[str], cli: bool = False) -> str:
+    """One line naming what is missing and the ways forward, in a library caller's words or (cli) infer.py's."""
+    def name(c):
+        return f"--{_flag(c)}" if cli else f"{ARGUMENTS[c]}="
+
+    items = "; ".join(f"{DESCRIPTIONS[c]} [{name(c)} or ${ENV_VARS[c]}]" for c in missing)
+    if cli:
+        ways = ("pass the paths (flags or environment variables above), or add --download to fetch them from the "
+                "Hugging Face hub into its cache (roughly 13 GB; LIA-X weights are CC BY-NC 4.0), or run "
+                "`python infer.py --demo` for a random-weight demo.")
+    else:
+        ways = ("pass the paths (arguments or environment variables above), or download=True to fetch them from "
+                "the Hugging Face hub into its cache (roughly 13 GB; LIA-X weights are CC BY-NC 4.0), or use "
+                "TalkerPipeline.demo() for random-weight models.")
+    return f"weights not found: {items}. Ways forward: {ways}"
 
 
 def _flag(component: str) -> str:
-    return {"checkpoint_dir": "checkpoint-dir", "whisperx_vae": "whisperx-vae-ckpt", "liax": "liax-ckpt",
-            "wavlm": "wavlm-ckpt"}[component]
+    return ARGUMENTS[component].replace("_", "-")
 
 
-def _existing(path, component: str, origin: str) -> str:
-    """Validate a user-given path: it must exist (a folder for checkpoint_dir, a file otherwise)."""
+def _existing(path, component: str, from_env: bool) -> str:
+    """Validate a user-given path: it must exist (a folder for checkpoint_dir, a file otherwise). The error
+    names the argument (RequestError) or the environment variable it came from."""
     p = Path(os.path.expanduser(str(path)))
+    problem = None
     if component == "checkpoint_dir":
         if not p.is_dir():
-            raise FileNotFoundError(f"{p}: checkpoint folder not found ({origin})")
-        if not (p / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{p}: no model.safetensors in the checkpoint folder ({origin})")
+            problem = "checkpoint folder not found"
+        elif not (p / "model.safetensors").is_file():
+            problem = "no model.safetensors in the checkpoint folder"
     elif not p.is_file():
-        raise FileNotFoundError(f"{p}: {DESCRIPTIONS[component].split(' (')[0]} checkpoint not found ({origin})")
+        problem = f"{DESCRIPTIONS[component].split(' (')[0]} checkpoint not found"
+    if problem and from_env:
+        raise FileNotFoundError(f"{p}: {problem} (${ENV_VARS[component]})")
+    if problem:
+        raise RequestError(ARGUMENTS[component], f"{p}: {problem}")
     return str(p)
 
 
@@ -129,10 +157,10 @@ def locate(checkpoint_dir=None, whisperx_vae=None, liax=None, wavlm=None, wavlm_
     given = {"checkpoint_dir": checkpoint_dir, "whisperx_vae": whisperx_vae, "liax": liax, "wavlm": wavlm}
     for comp in COMPONENTS:
         if given[comp]:
-            setattr(paths, comp, _existing(given[comp], comp, f"--{_flag(comp)}"))
+            setattr(paths, comp, _existing(given[comp], comp, from_env=False))
             paths.sources[comp] = "argument"
         elif env.get(ENV_VARS[comp]):
-            setattr(paths, comp, _existing(env[ENV_VARS[comp]], comp, f"${ENV_VARS[comp]}"))
+            setattr(paths, comp, _existing(env[ENV_VARS[comp]], comp, from_env=True))
             paths.sources[comp] = "env"
 
     # a local copy of the hub repository: <root>/talker-t2av (checkpoint dir) + <root>/whisperx-vae/model.ckpt
@@ -188,7 +216,8 @@ def download(needs: Iterable[str] = COMPONENTS, paths: Optional[WeightPaths] = N
             paths.whisperx_vae = hub.hf_hub_download(repo_id=TALKER_REPO, filename=VAE_FILE)
             paths.sources["whisperx_vae"] = "download"
         if "liax" in needs:
-            print(f"[weights] {LIAX_REPO}/{LIAX_FILE} is licensed CC BY-NC 4.0 (non-commercial use only)")
+            warnings.warn(f"{LIAX_REPO}/{LIAX_FILE} is licensed CC BY-NC 4.0 (non-commercial use only)",
+                          stacklevel=2)
             paths.liax, paths.sources["liax"] = hub.hf_hub_download(repo_id=LIAX_REPO, filename=LIAX_FILE), "download"
         if "wavlm" in needs:
             paths.wavlm = hub.hf_hub_download(repo_id=wavlm_repo, filename=wavlm_filename)

@@ -28,7 +28,7 @@ from omegaconf.nodes import AnyNode
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from safe_load import safe_torch_load
+from safe_load import key_report, safe_torch_load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,18 +424,15 @@ class WhisperXVAE(nn.Module):
         """Load a state dict that uses the checkpoint's names. Every tensor of the model must be
         present with its exact shape; the Whisper decoder and any other extra entries (training-only
         modules of a Lightning checkpoint) are ignored and returned."""
+        expected = {k: tuple(v.shape) for k, v in self.checkpoint_state_dict().items()}
+        report = key_report(expected, {k: tuple(v.shape) for k, v in ckpt_state_dict.items()
+                                       if hasattr(v, "shape")})
+        if not report.ok(allow_unexpected=True):
+            raise ValueError(report.message("WhisperX-VAE", allow_unexpected=True))
         renamed, ignored = openai_to_transformers_whisper_keys(ckpt_state_dict)
-        expected = self.state_dict()
-        missing = [k for k in expected if k not in renamed]
-        ignored += [k for k in renamed if k not in expected]
-        if missing:
-            shown = [transformers_to_openai_whisper_keys({k: None}).popitem()[0] for k in missing[:5]]
-            raise ValueError(f"{len(missing)} model tensors missing from the state dict, e.g. {shown}")
-        bad = [f"{k} {tuple(renamed[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-               if tuple(renamed[k].shape) != tuple(v.shape)]
-        if bad:
-            raise ValueError(f"{len(bad)} shape mismatches (checkpoint vs model), e.g. {bad[:3]}")
-        self.load_state_dict({k: renamed[k] for k in expected}, strict=True, assign=assign)
+        own = self.state_dict()
+        ignored += [k for k in renamed if k not in own]
+        self.load_state_dict({k: renamed[k] for k in own}, strict=True, assign=assign)
         return ignored
 
 

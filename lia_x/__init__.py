@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from safe_load import safe_torch_load
+from safe_load import key_report, safe_torch_load
 
 from .networks.generator import Generator
 from .networks.ops import EqualConv2d, ModulatedConv2d
@@ -29,12 +29,6 @@ def cast_conv_weights(generator: Generator, dtype: torch.dtype) -> Generator:
     return generator
 
 
-def _summary(keys, limit=3):
-    keys = sorted(keys)
-    more = f", ... (+{len(keys) - limit})" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_generator(ckpt_path, device="cpu", dtype=torch.float32, **config) -> Generator:
     """Strictly load lia-x.pt (a plain state dict saved with torch.save) into
     Generator(style_dim=512, motion_dim=40, scale=2) (override with **config).
@@ -51,18 +45,13 @@ def load_generator(ckpt_path, device="cpu", dtype=torch.float32, **config) -> Ge
     cfg = {**RELEASE_CONFIG, **config}
     with torch.device("meta"):
         generator = Generator(**cfg)
-    expected = generator.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: not a LIA-X Generator({cfg}) state dict: {len(missing)} missing "
-                         f"keys [{_summary(missing)}], {len(unexpected)} unexpected keys "
-                         f"[{_summary(unexpected)}]")
-    wrong = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)
-             or not state[k].is_floating_point()]
-    if wrong:
-        raise ValueError(f"{path}: {len(wrong)} tensors have the wrong shape or dtype "
-                         f"[{_summary(wrong)}]")
+    expected = {k: tuple(v.shape) for k, v in generator.state_dict().items()}
+    report = key_report(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if not report.ok():
+        raise ValueError(f"{path}: {report.message('LIA-X generator')}")
+    not_float = [k for k in expected if not state[k].is_floating_point()]
+    if not_float:
+        raise ValueError(f"{path}: {len(not_float)} tensors are not floating point (e.g. {not_float[:3]})")
     state = {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}
     generator.load_state_dict(state, strict=True, assign=True)
     generator.requires_grad_(False).eval()

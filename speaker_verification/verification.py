@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from safe_load import safe_torch_load
+from safe_load import key_report, safe_torch_load
 
 from .ecapa_tdnn import ECAPA_TDNN, ECAPA_TDNN_SMALL
 from .wavlm import WavLMArgs, parse_conv_feature_layers
@@ -89,25 +89,18 @@ def load_speaker_encoder(model: ECAPA_TDNN, checkpoint, wavlm_checkpoint=None) -
     for key, value in state.items():
         if value.is_floating_point() and value.dtype != torch.float32:
             state[key] = value.float()
-    shape_errors = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-                    for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
+    report = key_report({k: tuple(v.shape) for k, v in expected.items()},
+                        {k: tuple(v.shape) for k, v in state.items()})
+    if report.unexpected:
         # The released file is ~6.5 MB larger than the 323.9 M parameters of the encoder: it most
         # likely carries its training classifier head, which the reference skips (strict=False).
-        warnings.warn(f"{checkpoint}: ignoring {len(unexpected)} entries the speaker encoder does not use "
-                      f"(e.g. {unexpected[:3]})", stacklevel=2)
-        for key in unexpected:
+        warnings.warn(f"{checkpoint}: ignoring {len(report.unexpected)} entries the speaker encoder does not use "
+                      f"(e.g. {report.unexpected[:3]})", stacklevel=2)
+        for key in report.unexpected:
             del state[key]
-    if missing or shape_errors:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if shape_errors:
-            parts.append(f"{len(shape_errors)} shape mismatches (e.g. {shape_errors[:3]})")
+    if not report.ok(allow_unexpected=True):
         source = checkpoint if wavlm_checkpoint is None else f"{checkpoint} (+ {wavlm_checkpoint})"
-        raise ValueError(f"{source}: state dict does not match the speaker encoder: " + "; ".join(parts))
+        raise ValueError(f"{source}: {report.message('speaker encoder', allow_unexpected=True)}")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 import audio
-from conftest import REFERENCE_SAMPLES, load_fixture, max_rel_err
+from conftest import REFERENCE_SAMPLES, load_fixture, max_rel_err, shared
 
 # Float32 parity: 1e-5 of the output's max magnitude (fixture README default; the reference's own
 # 1- vs 2-thread spread is 0 for both fixtures). Measured here: resample <= 1.8e-7, log-mel <= 1.8e-6.
@@ -97,11 +97,11 @@ def _check_reference(ref, n16, n24, sr):
 
 
 def test_prepare_reference_sample():
-    ref = audio.prepare_reference_audio(REFERENCE_WAV)
+    ref = audio.prepare_reference_audio(shared(REFERENCE_WAV))
     # 24 kHz file, 120001 samples: 16 kHz copy has ceil(120001 * 2 / 3) = 80001 samples.
     _check_reference(ref, 80001, 120001, 24000)
     assert ref.speech_len == 125 and ref.duration_s == pytest.approx(5.0000625)
-    raw_int16, _ = sf.read(str(REFERENCE_WAV), dtype="int16")
+    raw_int16, _ = sf.read(str(shared(REFERENCE_WAV)), dtype="int16")
     assert torch.equal(ref.audio_24k, torch.from_numpy(raw_int16.astype(np.float32) / 32768.0))
     assert torch.equal(ref.audio_16k, audio.resample(ref.audio_24k, 24000, 16000))
     assert torch.equal(ref.mel[0, 0], audio.log_mel_spectrogram(ref.audio_16k))
@@ -148,7 +148,7 @@ def test_prepare_written_files(tmp_path, ext, fmt, subtype, sr, channels, second
 
 
 def test_max_seconds_argument():
-    ref = audio.prepare_reference_audio(REFERENCE_WAV, max_seconds=2)
+    ref = audio.prepare_reference_audio(shared(REFERENCE_WAV), max_seconds=2)
     assert ref.audio_16k.shape == (32000,) and ref.audio_24k.shape == (48000,)
     assert ref.speech_len == 50 and ref.audio_16k_pad.shape == (audio.WHISPER_SAMPLES,)
     with pytest.raises(ValueError):

@@ -13,6 +13,7 @@ import torch
 import infer
 import video_io
 import weights
+from bad_inputs import bad_cases, cli_needle
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_S = 1 / 25
@@ -23,18 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def shared_demo_pipeline(monkeypatch):
-    """Build the demo models once for all in-process CLI runs (TalkerPipeline.demo is deterministic)."""
+    """Build the default demo models once for all in-process CLI runs (TalkerPipeline.demo is deterministic:
+    a fresh build gives the same models); other arguments build their own."""
     from pipeline import TalkerPipeline
 
     if not hasattr(shared_demo_pipeline, "pipe"):
-        shared_demo_pipeline.pipe = TalkerPipeline.demo(verbose=False)
+        shared_demo_pipeline.pipe = TalkerPipeline.demo()
     real_demo = TalkerPipeline.demo.__func__
 
-    def demo(cls, *args, **kwargs):
-        if kwargs.get("render_dtype", torch.float32) != torch.float32 or kwargs.get("render_batch_size"):
-            return real_demo(cls, *args, **kwargs)
-        if kwargs.get("verbose", True):
-            print("*** DEMO: tiny RANDOMLY INITIALISED models ***")
+    def demo(cls, device="cpu", seed=0, render_dtype=torch.float32, render_batch_size=None, checkpoint_dir=None):
+        if (str(device), seed, render_dtype, render_batch_size, checkpoint_dir) != ("cpu", 0, torch.float32, None, None):
+            return real_demo(cls, device, seed, render_dtype, render_batch_size, checkpoint_dir)
         return shared_demo_pipeline.pipe
 
     monkeypatch.setattr(TalkerPipeline, "demo", classmethod(demo))
@@ -155,23 +155,36 @@ def test_batch_file_default_outputs_and_failed_lines(tmp_path, capsys):
                      "--output", str(tmp_path / "run.mp4")])
     err = capsys.readouterr().err
     assert rc == 1
-    assert f"{tmp_path / 'p.jsonl'}:2: --text: empty text" in err
+    assert f"{tmp_path / 'p.jsonl'}:2: text: empty text" in err
     assert (tmp_path / "run_0000.wav").exists() and not (tmp_path / "run_0001.wav").exists()
 
 
 @pytest.mark.parametrize("content,needle", [
-    ('{"text": "ok"}\n{not json}\n', ":2: not valid JSON"),
-    ('{"txt": "typo"}\n', ":1: unknown keys ['txt']"),
+    ('{not json}\n', ":1: not valid JSON"),
+    ('{"txt": "typo"}\n', ":1: txt: unknown option"),
     ('["a list"]\n', ":1: expected a JSON object"),
-    ("\n# only comments\n", "no requests"),
-    ('{"cfm_steps": "many"}\n', ":1: cfm_steps must be a number"),
-    ('{"text": 5}\n', ":1: text must be a string"),
+    ('{"cfm_steps": "many"}\n', ":1: cfm_steps: must be a number, got 'many'"),
+    ('{"seed": "abc"}\n', ":1: seed: must be a number, got 'abc'"),
+    ('{"trim_prefix": "yes"}\n', ":1: trim_prefix: must be true or false, got 'yes'"),
+    ('{"text": 5}\n', ":1: text: must be a string, got 5"),
+    ('{"seed": 1e20}\n', ":1: seed: must be in [0, 18446744073709551615]"),
+    ('{"mode": "tts", "ref_audio": "missing.wav"}\n', ":1: missing.wav: file not found"),
 ])
-def test_bad_batch_files(tmp_path, capsys, content, needle):
-    (tmp_path / "p.jsonl").write_text(content)
+def test_bad_batch_lines(tmp_path, capsys, content, needle):
+    """A bad line is reported as FILE:LINE: problem, before any model is loaded, and the other lines run."""
+    good = json.dumps({"mode": "tts", "text": "The good line.", "output": str(tmp_path / "good.wav")})
+    (tmp_path / "p.jsonl").write_text(content + good + "\n")
+    assert infer.main(["--demo", "--quiet", "--batch-file", str(tmp_path / "p.jsonl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"infer.py: error: {tmp_path / 'p.jsonl'}{needle}"), err
+    assert err[-1] == "infer.py: error: 1 of 2 requests failed"
+    assert (tmp_path / "good.wav").exists()
+
+
+def test_batch_file_without_requests(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text("\n# only comments\n")
     assert infer.main(["--demo", "--batch-file", str(tmp_path / "p.jsonl")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert needle in err and str(tmp_path / "p.jsonl") in err and "\n" not in err
+    assert "no requests" in capsys.readouterr().err
 
 
 def test_batch_file_under_torchrun(tmp_path):
@@ -192,14 +205,12 @@ def test_batch_file_under_torchrun(tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 
 def _cli_bad_cases(tmp):
-    import test_pipeline
-
     cases = []
-    for name, kwargs, needle in test_pipeline._bad_cases(tmp):
+    for name, kwargs, needle in bad_cases(tmp):
         argv = []
         for key, value in kwargs.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
-        cases.append((name, argv, needle))
+        cases.append((name, argv, cli_needle(needle)))
     return cases
 
 
@@ -237,7 +248,7 @@ def test_missing_weights_is_one_clear_message(tmp_path):
 def test_dtype_bfloat16_on_cpu_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)
     rc = infer.main(["--dtype", "bfloat16", "--device", "cpu", "--output", str(tmp_path / "x.mp4")])
-    assert rc == 1 and "--dtype bfloat16" in capsys.readouterr().err
+    assert rc == 1 and "--dtype: bfloat16" in capsys.readouterr().err
 
 
 def test_ctrl_c_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
@@ -296,3 +307,30 @@ def test_download_flag(release_dir, tiny_loaders, no_env, tmp_path, capsys, monk
                      "--output", str(tmp_path / "dl.wav")])
     assert rc == 0, capsys.readouterr().err
     assert calls == [("someone/mirror", "spk.pth")] and (tmp_path / "dl.wav").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+# The flags of infer.py before the generation-core redesign (commit 58b56a0): none may disappear.
+FLAGS_BEFORE_REDESIGN = {
+    "--audio", "--batch-file", "--cfm-cfg", "--cfm-steps", "--cfm-temperature", "--checkpoint-dir", "--demo",
+    "--device", "--download", "--dtype", "--fps", "--gt-prefix-seconds", "--help", "--liax-ckpt", "--licences",
+    "--llm-name", "--max-seconds", "--mode", "--motion", "--output", "--quiet", "--ref-audio", "--ref-motion",
+    "--ref-video", "--render-batch-size", "--render-dtype", "--save-latents", "--seed", "--text", "--trim-prefix",
+    "--video", "--wavlm-backbone-ckpt", "--wavlm-ckpt", "--wavlm-filename", "--wavlm-repo", "--whisperx-vae-ckpt"}
+
+
+def test_flags_come_from_the_request_schema():
+    from dataclasses import fields
+
+    from request import GenerationRequest
+    parser = infer.build_parser()
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert FLAGS_BEFORE_REDESIGN <= flags
+    defaults = vars(parser.parse_args([]))
+    for f in fields(GenerationRequest):
+        assert "--" + f.name.replace("_", "-") in flags, f.name  # every request field is a flag ...
+        if f.name != "output":  # ... with the request's default (the CLI writes output.mp4 by default)
+            assert defaults[f.name] == f.default, f.name
+    assert infer.cli_request(parser.parse_args(["--cfm-steps", "4", "--trim-prefix"])) == GenerationRequest(
+        cfm_steps=4, trim_prefix=True, output="output.mp4")

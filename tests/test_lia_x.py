@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FIXTURES, REFERENCE_SAMPLES, load_fixture, max_rel_err
+from conftest import FIXTURES, REFERENCE_SAMPLES, load_fixture, max_rel_err, shared
 
 import lia_x
 from lia_x.networks.generator import Generator
@@ -92,9 +92,7 @@ def fx_eq():
 
 
 def test_state_dict_matches_manifest_on_meta():
-    path = FIXTURES / "av" / "lia_x_manifest.json"
-    if not path.exists():
-        pytest.skip(f"manifest not found at {path}")
+    path = shared(FIXTURES / "av" / "lia_x_manifest.json")
     manifest = json.loads(path.read_text())
     with torch.device("meta"):
         g = Generator(style_dim=512, motion_dim=40, scale=2)
@@ -346,9 +344,9 @@ def test_load_generator_roundtrip_and_errors(tmp_path, tiny):
     sd.pop("dec.direction.weight")
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, bad)
-    with pytest.raises(ValueError, match=r"bad\.pt.*1 missing keys.*1 unexpected keys"):
+    with pytest.raises(ValueError, match=r"bad\.pt: holds \d+ of the \d+ LIA-X generator keys: 1 missing .*; 1 unexpected"):
         lia_x.load_generator(bad, **lia_x.TINY_CONFIG)
-    with pytest.raises(ValueError, match=r"bad\.pt.*missing keys"):  # a full-size load of a tiny file
+    with pytest.raises(ValueError, match=r"bad\.pt: holds \d+ of the \d+ LIA-X generator keys: .*missing"):  # a full-size load of a tiny file
         lia_x.load_generator(bad)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
@@ -377,13 +375,12 @@ def _read_video(path):
         return frames, float(meta["fps"])
 
 
-@pytest.mark.skipif(not VIDEO.exists(), reason="reference samples not available")
 def test_reference_video_motion_extraction(tiny, fx_synth):
-    frames, fps = _read_video(VIDEO)
+    frames, fps = _read_video(shared(VIDEO))
     assert frames.shape == (125, 512, 512, 3) and frames.dtype == np.uint8 and fps == 25.0
     # the reference decodes frame 0 with OpenCV; the fixture stores it
     assert np.abs(frames[0].astype(int) - fx_synth[0]["input.image_u8"].numpy()).max() <= 2
-    ref_motion = torch.load(REFERENCE_SAMPLES / "reference_motion.pt", map_location="cpu", weights_only=True)
+    ref_motion = torch.load(shared(REFERENCE_SAMPLES / "reference_motion.pt"), map_location="cpu", weights_only=True)
     assert tuple(ref_motion.shape) == (125, 40)
     seen = []
     motion = extract_motion(tiny, frames, batch_size=32, progress=seen.append)

@@ -8,6 +8,8 @@ import torch
 from conftest import load_fixture, max_rel_err
 from transformers.cache_utils import DynamicCache
 
+from generation import plan_lengths
+from prompt import build_prompt
 from speech_llm import SpeechLLM, tiny_model_args_and_config
 
 CASES = ["case_a", "case_b", "case_c"]
@@ -37,7 +39,7 @@ def run_generate(model, tensors, case, c):
     torch.manual_seed(c["seed"])
     return model.generate(tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
                           tensors["inputs.speaker_emb"], tensors["inputs.motion_norm"],
-                          gt_prefix_seconds=c["gt_prefix_seconds"], fps=c["fps"], cfm_steps=c["cfm_steps"],
+                          gt_prefix_seconds=c["gt_prefix_seconds"], cfm_steps=c["cfm_steps"],
                           cfm_temperature=c["cfm_temperature"], cfm_cfg=c["cfm_cfg"])
 
 
@@ -76,17 +78,20 @@ def test_ar_loop_teacher_forced(fixture, case):
     c = meta["cases"][case]
     model = build_model(tensors, c)
     D, n = c["delay"], c["patches_generated"]
+    speaker = tensors["inputs.speaker_emb"]
     tr = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{case}.trace.")}
     speech, motion = tensors[f"{case}.outputs.speech_latents"], tensors[f"{case}.outputs.motion_latents_norm"]
-    speaker = tensors["inputs.speaker_emb"]
     errs = {}
 
-    plan = model.prepare_prompt(tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
-                                tensors["inputs.motion_norm"], c["gt_prefix_seconds"], c["fps"])
-    prefill = plan["prefill"]
+    plan = plan_lengths("t2av", ref_speech_frames=c["speech_latent_frames"],
+                        ref_motion_frames=tensors["inputs.motion_norm"].shape[0],
+                        gt_prefix_seconds=c["gt_prefix_seconds"], delay=D)
+    assert plan.max_steps == c["length_cap_steps"] and plan.prefix_frames == c["prefix_frames"]
+    prompt = build_prompt(model, tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
+                          speaker, plan, tensors["inputs.motion_norm"])
+    prefill = prompt.prefill_embeds
     assert prefill.shape[1] == c["prefill_len"]
     errs["prefill"] = max_rel_err(prefill[0], tensors[f"{case}.outputs.prefill_inputs_embeds"])
-    assert plan["total_patches"] - plan["prefix_patches"] + 15 == c["length_cap_steps"]
 
     # backbone: cached prefill, then the recorded next-token embeddings one by one
     cache = DynamicCache(config=model.llm.config)
@@ -98,8 +103,8 @@ def test_ar_loop_teacher_forced(fixture, case):
     errs["mu"] = max_rel_err(mus[:n], tr["mu"])
 
     # CFM heads from the recorded state, context and noise; next-token embeddings from recorded patches
-    speech_hist, motion_hist = list(plan["speech_hist"]), list(plan["motion_hist"])
-    assert torch.equal(plan["first_motion"], tr["first_motion"])
+    speech_hist, motion_hist = list(prompt.speech_history), list(prompt.motion_history)
+    assert torch.equal(prompt.first_motion_norm, tr["first_motion"])
     conds, patches, mconds, mpatches, tokens = [], [], [], [], []
     for k in range(n):
         cond = model.cfm_context(speech_hist, 32)
@@ -122,22 +127,33 @@ def test_ar_loop_teacher_forced(fixture, case):
     errs["motion_patch"] = max_rel_err(torch.cat(mpatches), motion)
     errs["next_token"] = max_rel_err(torch.stack(tokens), tr["next_token_embeds"])
 
-    # stop head on the recorded states, and the stop rule (min 7 patches, 3 in a row >= 0.5)
+    # stop head on the recorded states
     n_checks = tr["stop_logits"].shape[0]
     logits = torch.tensor([model.stop_logit(mus[k:k + 1]) for k in range(7, 7 + n_checks)])
     errs["stop_logits"] = max_rel_err(logits, tr["stop_logits"])
-    streak, stopped_at = 0, None
-    for i, logit in enumerate(tr["stop_logits"].tolist()):
-        streak = streak + 1 if torch.sigmoid(torch.tensor(logit)) >= 0.5 else 0
-        if streak >= 3:
-            stopped_at = 7 + i
-            break
-    if c["stopped_by_stop_head"]:
-        assert stopped_at == n
-    else:
-        assert stopped_at is None and n == c["length_cap_steps"]
     assert (logits >= 0).tolist() == (tr["stop_logits"] >= 0).tolist()
 
     print(f"ar_loop {case} teacher-forced max_rel_err: " + ", ".join(f"{k}={v:.2e}" for k, v in errs.items()))
     for name, err in errs.items():
         assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stream_stops_where_the_reference_did(fixture, case):
+    """The loop's stop rule, fed the reference's stop logits and patches: it must read the stop head at
+    exactly the reference's steps and end where the reference ended."""
+    tensors, meta = fixture
+    c = meta["cases"][case]
+    model = build_model(tensors, c)
+    tr = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{case}.trace.")}
+    logits = list(tr["stop_logits"].tolist())
+    speech = list(tensors[f"{case}.outputs.speech_latents"].split(PS))
+    motion = list(tensors[f"{case}.outputs.motion_latents_norm"].split(PS))
+    model.stop_logit = lambda h: logits.pop(0)
+    model.sample_patch = lambda cfm, *a, **k: (speech if cfm is model.speech_cfm else motion).pop(0)
+    torch.manual_seed(c["seed"])
+    out = run_generate(model, tensors, case, c)
+    assert out.n_patches == c["patches_generated"]
+    assert out.stopped_by == ("stop_head" if c["stopped_by_stop_head"] else "length_cap")
+    assert logits == [] and speech == [] and motion == []  # every recorded value used, none missing
+    assert out.stop_probs[:7] == [None] * 7 and all(p is not None for p in out.stop_probs[7:])

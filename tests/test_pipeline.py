@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REFERENCE_SAMPLES
+from bad_inputs import bad_cases, library_needle
+from conftest import REFERENCE_SAMPLES, shared
 
 import video_io
+from constants import SAMPLES_PER_FRAME
 from motion_stats import MOTION_MEAN, MOTION_STD, denormalize_motion, normalize_motion
-from pipeline import (DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, MAX_FRAMES, SAMPLES_PER_FRAME, TalkerPipeline,
-                      demo_tokenizer)
+from pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, TalkerPipeline, demo_tokenizer
+from request import GenerationRequest, RequestError
 
 FRAME_S = 1 / 25
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe():
-    return TalkerPipeline.demo(verbose=False)
+    return TalkerPipeline.demo()
 
 
 def _gen(pipe, **kw):
@@ -32,9 +34,7 @@ def _gen(pipe, **kw):
 # ---------------------------------------------------------------------------------------------- motion stats
 
 def test_motion_stats_match_released_npy():
-    mean_path, std_path = REFERENCE_SAMPLES / "motion_mean.npy", REFERENCE_SAMPLES / "motion_std.npy"
-    if not mean_path.exists():
-        pytest.skip("reference samples not available")
+    mean_path, std_path = shared(REFERENCE_SAMPLES / "motion_mean.npy"), shared(REFERENCE_SAMPLES / "motion_std.npy")
     assert np.array_equal(np.asarray(MOTION_MEAN, np.float32), np.load(mean_path))
     assert np.array_equal(np.asarray(MOTION_STD, np.float32), np.load(std_path))
     raw = torch.randn(7, 40)
@@ -149,7 +149,7 @@ def test_partial_reference_motion_extraction_is_exact(pipe, tmp_path):
     a = _gen(pipe, mode="t2av", seed=5, ref_motion=tmp_path / "full.pt")
     b = _gen(pipe, mode="t2av", seed=5)
     assert torch.equal(a.audio_24k, b.audio_24k) and torch.allclose(a.motion_raw, b.motion_raw, atol=1e-6)
-    assert pipe.reference_motion(ref_video=DEFAULT_REF_VIDEO, n_needed=12, progress=False).shape == (len(frames), 40)
+    assert pipe.reference_motion(DEFAULT_REF_VIDEO, n_needed=12, progress=False).shape == (len(frames), 40)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -207,62 +207,17 @@ def test_failure_mid_render_leaves_no_file(pipe, tmp_path, monkeypatch, exc):
 
 # ---------------------------------------------------------------------------------------------- bad input
 
-def _silent_wav(path, seconds=1.0):
-    sf.write(path, np.zeros(int(16000 * seconds), np.float32), 16000)
-
-
-def _tone(path, seconds, sr=16000):
-    t = np.arange(int(sr * seconds)) / sr
-    sf.write(path, (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), sr)
-
-
-def _bad_cases(tmp: Path):
-    (tmp / "notes.txt").write_text("this is not audio")
-    _silent_wav(tmp / "silent.wav")
-    _tone(tmp / "long.wav", 31)
-    _tone(tmp / "short.wav", 0.05)
-    (tmp / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64)
-    torch.save(torch.zeros(10, 39), tmp / "shape.pt")
-    nan = torch.zeros(10, 40)
-    nan[3, 5] = float("nan")
-    torch.save(nan, tmp / "nan.pt")
-    torch.save({"motion": torch.zeros(4, 40)}, tmp / "dict.pt")
-    torch.save(torch.zeros(MAX_FRAMES + 1, 40), tmp / "long_motion.pt")
-    return [
-        ("missing ref audio", dict(ref_audio=tmp / "nope.wav"), "nope.wav"),
-        ("not audio", dict(ref_audio=tmp / "notes.txt"), "notes.txt"),
-        ("silent", dict(ref_audio=tmp / "silent.wav"), "silent.wav"),
-        ("ref audio over 30 s", dict(ref_audio=tmp / "long.wav"), "long.wav"),
-        ("a2v audio over 30 s", dict(mode="a2v", audio=tmp / "long.wav"), "long.wav"),
-        ("a2v audio silent", dict(mode="a2v", audio=tmp / "silent.wav"), "silent.wav"),
-        ("too short", dict(mode="a2v", audio=tmp / "short.wav"), "short.wav"),
-        ("empty text", dict(text="   "), "--text"),
-        ("text too long", dict(text="word " * 400), "--text"),
-        ("video without frames", dict(ref_video=tmp / "silent.wav"), "silent.wav"),
-        ("broken video", dict(mode="v2a", video=tmp / "broken.mp4"), "broken.mp4"),
-        ("missing video", dict(mode="v2a", video=tmp / "gone.mp4"), "gone.mp4"),
-        ("motion wrong shape", dict(ref_motion=tmp / "shape.pt"), "shape.pt"),
-        ("motion with NaN", dict(ref_motion=tmp / "nan.pt"), "nan.pt"),
-        ("motion not a tensor", dict(mode="v2a", motion=tmp / "dict.pt"), "dict.pt"),
-        ("motion not a torch file", dict(ref_motion=tmp / "notes.txt"), "notes.txt"),
-        ("motion over 30 s", dict(mode="v2a", motion=tmp / "long_motion.pt"), "long_motion.pt"),
-        ("fps", dict(fps=30), "--fps"),
-        ("mode", dict(mode="t2v"), "--mode"),
-        ("output", dict(output=tmp / "out.avi"), "out.avi"),
-    ]
-
-
 def test_bad_inputs_raise_one_line_naming_the_file(pipe, tmp_path):
-    for name, kwargs, needle in _bad_cases(tmp_path):
+    for name, kwargs, needle in bad_cases(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError)) as info:
             _gen(pipe, **kwargs)
         message = str(info.value)
-        assert needle in message, (name, message)
+        assert library_needle(needle) in message and "--" not in message, (name, message)
         assert "\n" not in message.strip(), (name, message)
 
 
 def test_length_cap_max_seconds_and_warning():
-    never_stops = TalkerPipeline.demo(verbose=False)
+    never_stops = TalkerPipeline.demo()
     with torch.no_grad():  # p_stop = sigmoid(-64 * silu(1)) ~ 0
         head = never_stops.llm.head_stop
         head.proj.weight.zero_()
@@ -276,5 +231,92 @@ def test_length_cap_max_seconds_and_warning():
     assert (r.stopped_by, r.n_patches) == ("length_cap", 13) and r.motion_raw.shape[0] == 12 + 52
     r = _gen(never_stops, mode="tts", max_seconds=1.0)
     assert r.n_patches == 7
-    with pytest.raises(ValueError, match="--max-seconds"):
+    with pytest.raises(RequestError, match=r"^max_seconds: must be in \(0, 30\], got 31$"):
         _gen(never_stops, mode="tts", max_seconds=31)
+
+
+# ---------------------------------------------------------------------------------------------- the redesign
+
+def _stats(t):
+    t = t.double().reshape(-1)
+    idx = torch.linspace(0, t.numel() - 1, 9).long()
+    return {"n": t.numel(), "sum": float(t.sum()), "sumsq": float((t * t).sum()), "samples": t[idx].tolist()}
+
+
+def _close(got, want, name):
+    assert got["n"] == want["n"], name
+    for key in ("sum", "sumsq"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (name, key)
+    assert np.allclose(got["samples"], want["samples"], rtol=1e-5, atol=1e-6), name
+
+
+def test_same_outputs_as_before_the_redesign():
+    """The demo pipeline's outputs for fixed requests equal those of the code before the generation core
+    was redesigned (tests/data/demo_outputs.json, computed with commit 58b56a0)."""
+    import json
+    golden = json.loads((Path(__file__).parent / "data" / "demo_outputs.json").read_text())
+    pipe = TalkerPipeline.demo()
+    for name, case in golden["cases"].items():
+        if case.get("never_stop"):
+            with torch.no_grad():
+                head = pipe.llm.head_stop
+                head.proj.weight.zero_()
+                head.proj.bias.fill_(1.0)
+                head.head.weight.fill_(-1.0)
+        r = _gen(pipe, **case["request"])
+        want = golden["results"][name]
+        assert (r.n_patches, r.stopped_by, r.prefix_frames) == (
+            want["n_patches"], want["stopped_by"], want["prefix_frames"]), name
+        _close(_stats(r.audio_24k), want["audio"], name + ".audio")
+        _close(_stats(r.speech_latents), want["latents"], name + ".latents")
+        assert (r.motion_raw is None) == (want["motion"] is None), name
+        if r.motion_raw is not None:
+            _close(_stats(r.motion_raw), want["motion"], name + ".motion")
+
+
+def test_request_object_and_keywords_are_the_same_request(pipe):
+    req = GenerationRequest(mode="tts", text="Same request.", seed=21, cfm_steps=4)
+    a = _gen(pipe, request=req)
+    b = _gen(pipe, mode="tts", text="Same request.", seed=21, cfm_steps=4)
+    c = _gen(pipe, request=req, seed=22)  # keywords override the request's fields
+    assert torch.equal(a.audio_24k, b.audio_24k)
+    assert not (a.audio_24k.shape == c.audio_24k.shape and torch.equal(a.audio_24k, c.audio_24k))
+    assert req.seed == 21  # the caller's request is not modified
+
+
+def test_progress_callbacks_follow_the_length_plan(pipe):
+    events = []
+    r = pipe.generate(mode="t2av", text="Progress.", output=None, progress=lambda *e: events.append(e))
+    patches = [e for e in events if e[0] == "t2av patches"]
+    assert patches[-1] == ("t2av patches", r.n_patches, r.plan.max_steps)
+    assert [e[1] for e in patches] == list(range(1, r.n_patches + 1))
+    assert r.plan.rule == "released" and r.plan.max_steps == 31 - 3 + 15
+    assert [e[:2] for e in events if e[0] == "reference motion"][-1] == ("reference motion", r.plan.prefix_frames)
+
+
+def test_library_errors_name_the_request_field(pipe):
+    for kwargs, field_name in ((dict(cfm_steps=0), "cfm_steps"), (dict(fps=30), "fps"), (dict(mode="x"), "mode"),
+                               (dict(seed="abc"), "seed"), (dict(trim_prefix="yes"), "trim_prefix"),
+                               (dict(speed=2), "speed")):
+        with pytest.raises(RequestError) as info:
+            _gen(pipe, **kwargs)
+        assert info.value.field == field_name and str(info.value).startswith(field_name + ": ")
+
+
+def test_saved_latents_drive_v2a(pipe, tmp_path):
+    """<output>.latents.safetensors (what --save-latents writes) is accepted as `motion`."""
+    first = _gen(pipe, mode="t2av", text="Move.", output=tmp_path / "a.mp4", save_latents=True)
+    again = _gen(pipe, mode="v2a", text="Move.", motion=first.latents_path)
+    assert torch.equal(again.motion_raw, first.motion_raw)
+    tts = _gen(pipe, mode="tts", text="No motion.", output=tmp_path / "t.wav", save_latents=True)
+    with pytest.raises(ValueError, match="no motion_raw"):
+        _gen(pipe, mode="v2a", motion=tts.latents_path)
+
+
+def test_non_finite_output_is_never_written(tmp_path):
+    broken = TalkerPipeline.demo()
+    with torch.no_grad():
+        broken.llm.speech_cfm.estimator.out_proj.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        _gen(broken, mode="tts", output=tmp_path / "nan.wav")
+    assert list(tmp_path.iterdir()) == []

@@ -3,21 +3,20 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, load_fixture, max_rel_err
+from conftest import FIXTURES, load_fixture, max_rel_err, shared
 from safetensors.torch import load_file, save_file
 from synth import synth_state_dict
 
-from speech_llm import (ModelArguments, SpeechLLM, build_chat_and_spans, qwen3_0_6b_config, released_model_args,
-                        tiny_model_args_and_config)
+from generation import plan_lengths
+from prompt import build_chat_and_spans, build_prompt
+from speech_llm import ModelArguments, SpeechLLM, qwen3_0_6b_config, released_model_args, tiny_model_args_and_config
 
 PS = 4
 
 
 # ---------------------------------------------------------------- full size on the meta device
 def test_released_size_matches_manifest():
-    path = FIXTURES / "llm" / "speech_llm_manifest.json"
-    if not path.exists():
-        pytest.skip("manifest not found")
+    path = shared(FIXTURES / "llm" / "speech_llm_manifest.json")
     manifest = json.loads(path.read_text())
     with torch.device("meta"):
         model = SpeechLLM(released_model_args(), qwen3_0_6b_config())
@@ -30,14 +29,6 @@ def test_released_size_matches_manifest():
     assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
     assert sum(p.numel() for p in model.parameters()) == manifest["n_params_unique"]
     assert sorted(n for n, _ in model.named_buffers() if n not in state) == manifest["non_persistent_buffers"]
-
-
-def test_model_arguments_defaults_follow_reference():
-    a = ModelArguments()
-    assert (a.speech_embedding_dim, a.motion_embedding_dim, a.delay, a.patch_size, a.model_max_length) == (128, 40, 5, 4, 8192)
-    assert (a.patch_encoder_n_layer, a.patch_encoder_n_head, a.cfm_k_repeat, a.motion_cfm_weight) == (4, 8, 2, 1.0)
-    r = released_model_args()
-    assert (r.speech_embedding_dim, r.delay, r.motion_cfm_weight, r.model_max_length) == (32, 0, 10, 1000)
 
 
 def test_tiny_model_matches_fixture_model():
@@ -92,17 +83,17 @@ def test_loading_is_strict(tmp_path):
 
     extra = dict(weights, **{"head_stop.extra.weight": torch.zeros(2)})
     save_file(extra, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"unexpected keys: head_stop\.extra\.weight"):
+    with pytest.raises(ValueError, match=r"holds 139 of the 139 SpeechLLM keys: 1 unexpected \(e\.g\. head_stop\.extra\.weight\)"):
         SpeechLLM.from_pretrained(tmp_path)
 
     missing = {k: v for k, v in weights.items() if k != "task_embedding.weight"}
     save_file(missing, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing keys: task_embedding\.weight"):
+    with pytest.raises(ValueError, match=r"1 missing \(e\.g\. task_embedding\.weight\)"):
         SpeechLLM.from_pretrained(tmp_path)
 
     wrong = dict(weights, **{"motion_pad_emb": torch.zeros(1, 1, 65)})
     save_file(wrong, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"shape mismatch: motion_pad_emb"):
+    with pytest.raises(ValueError, match=r"1 of the wrong shape \(e\.g\. motion_pad_emb \(1, 1, 65\) != \(1, 1, 64\)\)"):
         SpeechLLM.from_pretrained(tmp_path)
 
     # encoder keys and the tied head in the file are tolerated
@@ -110,6 +101,16 @@ def test_loading_is_strict(tmp_path):
                                  "llm.lm_head.weight": weights["llm.model.embed_tokens.weight"].clone()})
     save_file(tolerated, str(tmp_path / "model.safetensors"))
     SpeechLLM.from_pretrained(tmp_path)
+
+    # another model's file: one short line saying what it looks like
+    import lia_x
+    save_file({k: v.contiguous() for k, v in lia_x.tiny_generator().state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as info:
+        SpeechLLM.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "holds 0 of the 139 SpeechLLM keys" in message and "looks like a LIA-X generator checkpoint" in message
+    assert len(message) < 500 and "\n" not in message
 
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="model.safetensors"):
@@ -216,15 +217,19 @@ def test_tts_layout_and_stopping(ar):
     model = ar_model(tensors)
     with torch.no_grad():
         model.motion_pad_emb.normal_()
-    plan = model.prepare_prompt(ids, c["s0"], latents, None, gt_prefix_seconds=0.5, task="tts")
+    plan = plan_lengths("tts", ref_speech_frames=latents.shape[0], gt_prefix_seconds=0.5)
+    prompt = build_prompt(model, ids, c["s0"], latents, tensors["inputs.speaker_emb"], plan)
+    prefill = prompt.prefill_embeds
     n_prefix = 3  # round(12.5) = 12 frames -> 3 patches
-    assert plan["prefill"].shape[1] == 1 + c["s0"] + n_prefix
-    assert torch.equal(plan["prefill"][0, 0], model.task_embedding.weight[0])
-    assert torch.equal(plan["prefill"][0, 1:1 + c["s0"]], model.llm.get_input_embeddings()(ids[0, :c["s0"]]))
+    assert (plan.prefix_frames, plan.prefix_patches) == (12, n_prefix)
+    assert prefill.shape[1] == 1 + c["s0"] + n_prefix
+    assert torch.equal(prefill[0, 0], model.task_embedding.weight[0])
+    assert torch.equal(prefill[0, 1:1 + c["s0"]], model.llm.get_input_embeddings()(ids[0, :c["s0"]]))
     expected = model.speech_patch_encoder(model.projector_speech(latents[:12]).view(1, 3, PS, -1)) + model.motion_pad_emb
-    assert max_rel_err(plan["prefill"][0, 1 + c["s0"]:], expected[0]) < 1e-6
+    assert max_rel_err(prefill[0, 1 + c["s0"]:], expected[0]) < 1e-6
+    # a patch fed back during TTS is the token the same patch gets as a prompt prefix (or in training)
     token = model.patch_token(latents[:PS], motion_pad=True)
-    assert torch.allclose(token, model.speech_patch_encoder(model.projector_speech(latents[:PS])[None, None]) + model.motion_pad_emb)
+    assert max_rel_err(token[0], model.patch_tokens(model.projector_speech(latents[:PS]), 1)[0]) < 1e-6
 
     out = model.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], None)  # None motion -> TTS
     assert out.motion_norm.shape == (0, 40) and out.prefix_motion_norm.shape == (0, 40)
@@ -234,8 +239,11 @@ def test_tts_layout_and_stopping(ar):
     out = always.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts")
     assert out.stopped_by == "stop_head" and out.n_patches == 9  # 7 free patches + 3 checks in a row
     never = ar_model(tensors, stop_bias_factor=-1000.0)
-    out = never.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts", extra_patches=2)
-    assert out.stopped_by == "length_cap" and out.n_patches == 7 - 3 + 2  # ceil(26/4) - prefix + extra
+    out = never.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts")
+    assert out.stopped_by == "length_cap" and out.n_patches == 7 - 3 + 15  # released: ceil(26/4) - prefix + 15
+    short = plan_lengths("tts", ref_speech_frames=26, gt_prefix_seconds=0.5, margin_patches=2)
+    out = never.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts", plan=short)
+    assert out.stopped_by == "length_cap" and out.n_patches == 7 - 3 + 2
 
 
 def test_generate_rejects_bad_input(ar):

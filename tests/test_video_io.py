@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import video_io
-from conftest import FIXTURES, REFERENCE_SAMPLES
+from conftest import FIXTURES, REFERENCE_SAMPLES, shared
 
 REF_VIDEO = REFERENCE_SAMPLES / "reference_video.mp4"
 FPS = 25
@@ -56,16 +56,12 @@ def _decode_audio(path):
 
 
 def test_reference_video_matches_opencv_first_frame():
-    if not REF_VIDEO.exists():
-        pytest.skip("reference samples not available")
-    frames, fps = video_io.read_frames(REF_VIDEO)
+    frames, fps = video_io.read_frames(shared(REF_VIDEO))
     assert frames.shape == (125, 512, 512, 3) and frames.dtype == np.uint8
     assert fps == 25.0
     assert abs(float(frames[0].mean()) - 109.83) < 0.01  # README: cv2 first frame mean 109.83
 
-    fixture = FIXTURES / "av" / "lia_x.safetensors"
-    if not fixture.exists():
-        pytest.skip("lia_x fixture not available")
+    fixture = shared(FIXTURES / "av" / "lia_x.safetensors")
     with safe_open(str(fixture), "pt") as f:
         opencv_rgb = f.get_tensor("input.image_u8").numpy()
     first = video_io.read_first_frame(REF_VIDEO)
@@ -77,9 +73,7 @@ def test_reference_video_matches_opencv_first_frame():
 
 
 def test_read_frames_max_frames_and_probe_of_reference():
-    if not REF_VIDEO.exists():
-        pytest.skip("reference samples not available")
-    frames, fps = video_io.read_frames(REF_VIDEO, max_frames=7)
+    frames, fps = video_io.read_frames(shared(REF_VIDEO), max_frames=7)
     assert frames.shape == (7, 512, 512, 3) and fps == 25.0
     info = video_io.probe(REF_VIDEO)
     assert (info["video_codec"], info["pix_fmt"], info["width"], info["height"]) == \

@@ -26,7 +26,8 @@ def test_locate_from_env_and_repository_layout(release_dir, no_env, monkeypatch)
 
 
 def test_locate_rejects_given_paths_that_do_not_exist(tmp_path, no_env, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    from request import RequestError
+    with pytest.raises(RequestError, match="^checkpoint_dir: .*no model.safetensors"):
         weights.locate(checkpoint_dir=tmp_path)
     monkeypatch.setenv("WAVLM_CKPT", str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match=r"missing\.pth.*WAVLM_CKPT"):
@@ -38,11 +39,14 @@ def test_missing_weights_message_lists_the_ways_forward(no_env):
     assert paths.missing() == list(weights.COMPONENTS)
     with pytest.raises(weights.MissingWeightsError) as info:
         paths.require()
-    msg = str(info.value)
-    for needle in ("--checkpoint-dir", "CHECKPOINT_DIR", "WHISPERVAE_CKPT", "LIAX_CKPT", "WAVLM_CKPT",
-                   "--download", "--demo"):
+    msg = str(info.value)  # a library caller's words: arguments, not flags
+    for needle in ("checkpoint_dir=", "CHECKPOINT_DIR", "WHISPERVAE_CKPT", "LIAX_CKPT", "WAVLM_CKPT",
+                   "download=True", "TalkerPipeline.demo()"):
         assert needle in msg
-    assert "\n" not in msg
+    assert "--" not in msg and "\n" not in msg
+    cli = weights.missing_message(info.value.components, cli=True)  # what infer.py prints
+    for needle in ("--checkpoint-dir", "CHECKPOINT_DIR", "--download", "--demo"):
+        assert needle in cli
     assert weights.needed_for("tts") == ("checkpoint_dir", "whisperx_vae", "wavlm")  # no renderer for tts
 
 

@@ -1,14 +1,13 @@
 """WhisperX-VAE: parity with the reference fixture, checkpoint loading, full-size names on meta."""
 import json
 import math
-import pickle
 
 import pytest
 import torch
 
 import audio
 import whisperx_vae as wv
-from conftest import FIXTURES, load_fixture, max_rel_err
+from conftest import FIXTURES, load_fixture, max_rel_err, shared
 
 CKPT = FIXTURES / "av" / "whisperx_vae_tiny.ckpt"
 
@@ -32,14 +31,14 @@ def fixture():
 
 @pytest.fixture(scope="module")
 def model():
-    return wv.load_whisperx_vae(CKPT, whisper_dims=wv.tiny_whisper_dims())
+    return wv.load_whisperx_vae(shared(CKPT), whisper_dims=wv.tiny_whisper_dims())
 
 
 @pytest.fixture(scope="module")
 def ckpt_state_dict():
     # weights_only=True with the module's allow-list (the test never unpickles arbitrary objects).
     with torch.serialization.safe_globals(wv.CHECKPOINT_SAFE_GLOBALS):
-        return torch.load(CKPT, map_location="cpu", weights_only=True)["state_dict"]
+        return torch.load(shared(CKPT), map_location="cpu", weights_only=True)["state_dict"]
 
 
 class NotAllowed:
@@ -88,7 +87,6 @@ def test_decode_matches_reference(model, fixture):
     # recon = tanh(pre_tanh) in the reference too; 99.9% of it is saturated and the rest sits at
     # zero crossings of a signal of magnitude ~1e3, where pre_tanh's float32 noise (~0.2 absolute)
     # shows up, so recon itself is checked sample-wise only for agreement in bulk.
-    assert torch.equal(t["output.recon"], torch.tanh(t["inter.pre_tanh"]))
     assert ((recon - t["output.recon"]).abs() <= 1e-3).float().mean() >= 0.998  # measured 0.9989
 
     probe = model.decode(t["input.latent_probe"], "btc")
@@ -189,7 +187,7 @@ def test_random_tiny_model_shapes():
 # ---- full-size names and shapes (meta device) --------------------------------------------------
 
 def test_full_size_state_dict_matches_manifest():
-    manifest = json.loads((FIXTURES / "av" / "whisperx_vae_manifest.json").read_text())
+    manifest = json.loads(shared(FIXTURES / "av" / "whisperx_vae_manifest.json").read_text())
     model = wv.build_on_meta()  # manifest's assumed release cfg, Whisper large-v3 dims
     ours = {k: list(v.shape) for k, v in model.checkpoint_state_dict().items()}
     entries = {e["key"]: e for e in manifest["entries"]}
@@ -213,7 +211,7 @@ def test_full_size_state_dict_matches_manifest():
 
 
 def test_key_conversion_round_trip():
-    manifest = json.loads((FIXTURES / "av" / "whisperx_vae_manifest.json").read_text())
+    manifest = json.loads(shared(FIXTURES / "av" / "whisperx_vae_manifest.json").read_text())
     names = {e["key"]: None for e in manifest["entries"]}
     renamed, dropped = wv.openai_to_transformers_whisper_keys(names)
     assert all(k.startswith("semantic_model.decoder.") for k in dropped) and len(dropped) == 772
@@ -223,6 +221,25 @@ def test_key_conversion_round_trip():
     assert set(back) == set(names) - set(dropped)
 
 
-def test_weights_only_needs_allow_list():
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(CKPT, map_location="cpu", weights_only=True)
+def test_random_bytes_checkpoint_says_what_it_is_not(tmp_path):
+    """torch's own advice (retry with weights_only=False) must never reach the user."""
+    junk = tmp_path / "model.ckpt"
+    junk.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(ValueError) as info:
+        wv.load_whisperx_vae(junk)
+    message = str(info.value)
+    assert message.startswith(f"{junk}: not a loadable WhisperX-VAE checkpoint")
+    assert "weights_only=False" not in message and "\n" not in message
+
+
+def test_other_models_checkpoint_is_named(tmp_path):
+    """A checkpoint of the wrong model (right format): one line saying what it looks like."""
+    import lia_x
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save({"state_dict": lia_x.tiny_generator().state_dict(), "hyper_parameters": {"cfg": wv.tiny_cfg()}},
+               wrong)
+    with pytest.raises(ValueError) as info:
+        wv.load_whisperx_vae(wrong, whisper_dims=wv.tiny_whisper_dims())
+    message = str(info.value)
+    assert "holds 0 of the" in message and "WhisperX-VAE keys" in message
+    assert "looks like a LIA-X generator checkpoint" in message and len(message) < 600
