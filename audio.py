@@ -28,6 +28,19 @@ _SILENCE_PEAK = 1e-5
 # Reading and writing files
 # ---------------------------------------------------------------------------------------------
 
+def audio_seconds(path) -> float:
+    """Duration of an audio file from its header (nothing decoded); the errors of load_audio."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        info = sf.info(path)
+    except Exception as err:  # noqa: BLE001 - libsndfile reports every format problem as its own error type
+        detail = getattr(err, "error_string", None) or str(err).strip() or type(err).__name__
+        raise ValueError(f"{path}: not a readable audio file ({detail.rstrip('.')})") from None
+    return info.frames / info.samplerate
+
+
 def load_audio(path, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
     """Read wav/flac/ogg/mp3 (anything libsndfile reads) -> (mono float32 1-D tensor, sample rate).
 
@@ -37,7 +50,7 @@ def load_audio(path, max_seconds: float | None = None) -> tuple[torch.Tensor, in
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: file not found")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not an audio file")
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ import torch
 import audio as audio_io
 import video_io
 from atomic import atomic_outputs
-from constants import CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, SAMPLES_PER_FRAME
+from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, PATCH_SIZE,
+                       SAMPLES_PER_FRAME)
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
@@ -65,6 +67,8 @@ class GenerationResult:
     fps: int = FPS
     prefix_frames: int = 0  # leading output frames that replay the reference clip (t2av/tts)
     plan: Optional[LengthPlan] = None
+    video_frames: Optional[int] = None  # frames of the output video when they are not the motion's (v2a of a
+    video_fps: float = FPS              # video keeps that video's own frames and frame rate)
     video_path: Optional[str] = None
     wav_path: Optional[str] = None
     latents_path: Optional[str] = None
@@ -77,12 +81,16 @@ class GenerationResult:
 
     @property
     def n_frames(self) -> int:
+        """Frames of the output video."""
+        if self.video_frames is not None:
+            return self.video_frames
         return 0 if self.motion_raw is None else int(self.motion_raw.shape[0])
 
     def summary(self) -> str:
         t = self.timings
         parts = [f"{k} {t[k]:.1f}s" for k in ("load", "inputs", "generate", "decode", "render") if k in t]
-        video = f", {self.n_frames} frames ({self.n_frames / self.fps:.2f} s video)" if self.n_frames else ""
+        rate = "" if abs(self.video_fps - self.fps) < 1e-6 else f" at {self.video_fps:.3g} fps"
+        video = f", {self.n_frames} frames{rate} ({self.n_frames / self.video_fps:.2f} s video)" if self.n_frames else ""
         return (f"[talker] {self.mode}: {self.audio_seconds:.2f} s audio{video}; {self.n_patches} patches "
                 f"({self.stopped_by}); " + " · ".join(parts) + f" · total {sum(t.values()):.1f}s")
 
@@ -129,16 +137,20 @@ def _motion_from_latents_file(path: str) -> torch.Tensor:
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
 
 
-def load_audio_checked(path, what: str) -> audio_io.ReferenceAudio:
-    """The model's inputs of an audio file, refusing clips shorter than 0.1 s or longer than 30 s."""
-    wav, sr = audio_io.load_audio(path)
-    seconds = wav.numel() / sr
+def check_audio_seconds(path, seconds: float, what: str) -> None:
+    """Refuse clips shorter than 0.1 s or longer than 30 s."""
     if seconds < MIN_SECONDS:
         raise ValueError(f"{path}: {what} is {seconds * 1000:.0f} ms long; at least {MIN_SECONDS * 1000:.0f} ms "
                          "is needed")
     if seconds > MAX_SECONDS + 1e-3:
         raise ValueError(f"{path}: {what} is {seconds:.1f} s long; at most {MAX_SECONDS} s is supported (trim it, "
                          f"e.g. ffmpeg -i IN -t {MAX_SECONDS} OUT.wav)")
+
+
+def load_audio_checked(path, what: str) -> audio_io.ReferenceAudio:
+    """The model's inputs of an audio file (0.1 to 30 s)."""
+    wav, sr = audio_io.load_audio(path)
+    check_audio_seconds(path, wav.numel() / sr, what)
     return audio_io.reference_audio(wav, sr)
 
 
@@ -154,7 +166,7 @@ def _video_timeline(video):
     """(frames on the model's 25 fps timeline, at most 750; the file's frame rate)."""
     info = video_io.probe(video)
     if not info.get("n_frames"):
-        raise ValueError(f"{video}: no video stream (audio-only or not a video)")
+        raise ValueError(f"{video}: {video_io.NO_VIDEO_STREAM if info.get('video_codec') is None else video_io.NO_FRAMES}")
     fps = float(info.get("fps") or FPS)
     return min(len(resample_indices(int(info["n_frames"]), fps)), MAX_FRAMES), fps
 
@@ -181,13 +193,18 @@ def output_paths(output, mode: str, save_latents: bool = False) -> OutputPaths:
 
 
 def _check_writable_folder(output, folder: Path) -> None:
+    """The nearest existing folder must accept a new file (tried for real: permissions, a read-only or
+    immutable folder, a full disk all show up here rather than after generation)."""
     existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise RequestError("output", f"{output}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RequestError("output", f"{output}: the folder {existing} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise RequestError("output", f"{output}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -221,15 +238,22 @@ def input_files(req: GenerationRequest) -> dict:
 
 
 def preflight(request: Optional[GenerationRequest] = None, **kwargs) -> GenerationRequest:
-    """resolve_request, then the checks that need no model: every input file exists and is a regular
-    file, and the output can be written. Run before any model loads."""
+    """resolve_request, then the checks that need no model, from file headers (nothing is decoded but the
+    small motion files): every input exists, is of its kind (audio / video / motion) and within the length
+    limits, and the output can be written. Run before any model loads; generate() checks the content."""
     req = resolve_request(request, **kwargs)
-    for path in input_files(req).values():
+    for name, path in input_files(req).items():
         p = Path(os.path.expanduser(path))
         if not p.exists():
             raise FileNotFoundError(f"{path}: file not found")
         if not p.is_file():
             raise ValueError(f"{path}: not a regular file")
+        if name in ("ref_audio", "audio"):
+            check_audio_seconds(path, audio_io.audio_seconds(path), "reference audio" if name == "ref_audio" else "audio")
+        elif name in ("ref_video", "video"):
+            video_io.check_video_stream(path)
+        else:
+            load_motion_file(path)
     if req.output is not None:
         output_paths(req.output, req.mode, req.save_latents)
     return req
@@ -319,7 +343,36 @@ class ModeInputs:
     given_speech: Optional[torch.Tensor] = None  # a2v: (N, 32) latents of the driving audio
     driving_audio_24k: Optional[torch.Tensor] = None  # a2v: the waveform the output carries
     given_motion_raw: Optional[torch.Tensor] = None  # v2a: (M, 40) driving motion
-    source_video: Optional[str] = None  # v2a from a video: its frames are the output's
+    source_video: Optional[str] = None  # v2a from a video: its frames (and frame rate) are the output's
+    source_frames: int = 0  # v2a from a video: its frame count
+    source_fps: float = FPS
+    warnings: list = field(default_factory=list)
+
+
+def face_frames(frames_u8: np.ndarray, face_crop: str) -> np.ndarray:
+    """(T, H, W, 3) frames as LIA-X gets them: as they are (it squashes them to its square) or the largest
+    centred square (face_crop="center")."""
+    h, w = frames_u8.shape[1:3]
+    if face_crop != "center" or h == w:
+        return frames_u8
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return np.ascontiguousarray(frames_u8[:, top:top + side, left:left + side])
+
+
+def _squash_warning(video, frame_u8, face_crop: str) -> list:
+    h, w = frame_u8.shape[:2]
+    if face_crop == "center" or h == w:
+        return []
+    return [f"{video}: the face is {w}x{h}, not square: it is squashed to the renderer's square as the reference "
+            "does (face_crop=center crops the largest centred square instead)"]
+
+
+def at_least_one_patch(motion_raw: torch.Tensor) -> torch.Tensor:
+    """Motion of fewer than 4 frames (a still image, a very short clip) with its last frame held to 4: the
+    loop reads whole patches (the reference fails on shorter motion)."""
+    short = PATCH_SIZE - motion_raw.shape[0]
+    return torch.cat([motion_raw, motion_raw[-1:].expand(short, -1)]) if short > 0 else motion_raw
 
 
 def _prepare_reference(pipe, req, *, with_motion: bool, needs_face: bool) -> ModeInputs:
@@ -328,12 +381,14 @@ def _prepare_reference(pipe, req, *, with_motion: bool, needs_face: bool) -> Mod
     inputs = ModeInputs(ref, ref_latents, speaker)
     if with_motion:
         if req.ref_motion is not None:
-            inputs.ref_motion_raw = load_motion_file(req.ref_motion)[:MAX_FRAMES]
+            inputs.ref_motion_raw = at_least_one_patch(load_motion_file(req.ref_motion)[:MAX_FRAMES])
             inputs.ref_motion_frames = inputs.ref_motion_raw.shape[0]
         else:
-            inputs.ref_motion_frames = pipe.video_motion_frames(req.ref_video)
+            inputs.ref_motion_frames = max(PATCH_SIZE, pipe.video_motion_frames(req.ref_video))
     if needs_face:
-        inputs.face = video_io.read_first_frame(req.ref_video)
+        face = video_io.read_first_frame(req.ref_video)
+        inputs.warnings += _squash_warning(req.ref_video, face, req.face_crop)
+        inputs.face = face_frames(face[None], req.face_crop)[0]
     return inputs
 
 
@@ -363,8 +418,11 @@ def prepare_v2a(pipe, req, progress) -> ModeInputs:
         if len(idx) > MAX_FRAMES:
             raise ValueError(f"{req.video}: video is {len(frames) / fps_in:.1f} s long; at most {MAX_SECONDS} s "
                              "is supported")
-        inputs.given_motion_raw = pipe.extract_motion(frames[idx], progress, "video motion")
-        inputs.source_video, source = req.video, req.video
+        inputs.warnings += _squash_warning(req.video, frames[0], req.face_crop)
+        inputs.given_motion_raw = pipe.extract_motion(face_frames(frames[idx], req.face_crop), progress,
+                                                      "video motion")
+        inputs.source_video, inputs.source_frames, inputs.source_fps = req.video, len(frames), fps_in
+        source = req.video
     if inputs.given_motion_raw.shape[0] > MAX_FRAMES:
         raise ValueError(f"{source}: motion has {inputs.given_motion_raw.shape[0]} frames; at most {MAX_FRAMES} "
                          f"({MAX_SECONDS} s at {FPS} fps) are supported")
@@ -379,12 +437,21 @@ class Assembled:
     prefix_frames: int  # leading frames replaying the reference clip
 
 
+def hold_to_length(motion_raw: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """Motion cut, or extended by holding its last frame, to n_frames: the video as long as the audio."""
+    if motion_raw.shape[0] >= n_frames:
+        return motion_raw[:n_frames]
+    return torch.cat([motion_raw, motion_raw[-1:].expand(n_frames - motion_raw.shape[0], -1)])
+
+
 def assemble_t2av(pipe, inputs, out) -> Assembled:
-    """As the reference: the output starts with the prefix replayed from the reference clip."""
+    """As the reference: the output starts with the prefix replayed from the reference clip. The speech
+    decides the length (the motion prefix can differ from the speech prefix for a reference voice shorter
+    than the prefix, and the motion lags by `delay` patches)."""
     speech = torch.cat([out.prefix_speech_latents.float().cpu(), out.speech_latents.float().cpu()])
     n_prefix = out.prefix_motion_norm.shape[0]
     motion = torch.cat([inputs.ref_motion_raw[:n_prefix], denormalize_motion(out.motion_norm.float().cpu())])
-    return Assembled(speech, pipe.decode(speech), motion, n_prefix)
+    return Assembled(speech, pipe.decode(speech), hold_to_length(motion, speech.shape[0]), n_prefix)
 
 
 def assemble_tts(pipe, inputs, out) -> Assembled:
@@ -395,8 +462,7 @@ def assemble_tts(pipe, inputs, out) -> Assembled:
 
 def assemble_a2v(pipe, inputs, out) -> Assembled:
     """The input audio, and the motion sampled along it."""
-    n = inputs.given_speech.shape[0]
-    motion = denormalize_motion(out.motion_norm.float().cpu()[:n])
+    motion = hold_to_length(denormalize_motion(out.motion_norm.float().cpu()), inputs.given_speech.shape[0])
     return Assembled(inputs.given_speech.cpu(), inputs.driving_audio_24k, motion, 0)
 
 
@@ -556,7 +622,8 @@ class TalkerPipeline:
         """Frames of a video on the model's 25 fps timeline, at most 750."""
         return _video_timeline(video)[0]
 
-    def reference_motion(self, ref_video, n_needed: int = 1, progress: Progress = True) -> torch.Tensor:
+    def reference_motion(self, ref_video, n_needed: int = 1, progress: Progress = True,
+                         face_crop: str = "none") -> torch.Tensor:
         """(T, 40) raw motion of a reference video, T <= 750, of which only the first n_needed rows are
         extracted (the rest repeat the last one): the loop reads only the prefix rows (the first is the
         motion head's global condition); the clip length only sets the length cap. A full-scale encoder
@@ -564,7 +631,7 @@ class TalkerPipeline:
         n_total, fps_src = _video_timeline(ref_video)
         n_read = max(1, min(n_needed, n_total))
         frames, fps_in = video_io.read_frames(ref_video, max_frames=int(math.ceil(n_read * max(fps_src, FPS) / FPS)) + 1)
-        frames = frames[resample_indices(len(frames), fps_in)][:n_read]
+        frames = face_frames(frames[resample_indices(len(frames), fps_in)][:n_read], face_crop)
         motion = self.extract_motion(frames, progress, "reference motion")
         if motion.shape[0] < n_total:
             motion = torch.cat([motion, motion[-1:].expand(n_total - motion.shape[0], -1)])
@@ -594,7 +661,8 @@ class TalkerPipeline:
             inputs = prepare(self, req, progress)
             plan = self.plan(req, inputs)
             if req.mode != "tts" and inputs.ref_motion_raw is None:
-                inputs.ref_motion_raw = self.reference_motion(req.ref_video, max(1, plan.prefix_frames), progress)
+                inputs.ref_motion_raw = at_least_one_patch(self.reference_motion(
+                    req.ref_video, max(1, plan.prefix_frames), progress, req.face_crop))
             input_ids, speech_start = text_prompt(self.tokenizer, req.text, plan.n_placeholders,
                                                   int(self.llm.model_args.model_max_length), self.patch_size)
         with _timed(timings, "generate"):
@@ -609,7 +677,9 @@ class TalkerPipeline:
             speech_latents=assembled.speech_latents, motion_raw=assembled.motion_raw,
             generated_motion_norm=None if req.mode == "tts" else out.motion_norm.float().cpu(),
             n_patches=out.n_patches, stopped_by=out.stopped_by, prefix_frames=assembled.prefix_frames, plan=plan,
-            timings=timings)
+            timings=timings, warnings=list(inputs.warnings))
+        if inputs.source_video is not None:
+            result.video_frames, result.video_fps = inputs.source_frames, inputs.source_fps
         if out.stopped_by == "length_cap":
             result.warnings.append(
                 f"generation hit the length cap ({out.n_patches} patches = {plan.max_seconds:.1f} s) before "

@@ -62,6 +62,9 @@ class GenerationRequest:
     max_seconds: Optional[float] = _opt(None, "t2av/tts: cap on the generated length (at most 30). Default: as "
                                               "released, the reference clip's length + 0.6 s",
                                         low=0, high=MAX_SECONDS, low_open=True)
+    face_crop: str = _opt("none", "how a non-square face is fitted to the renderer's square: none = squashed, as "
+                                  "the reference does (with a warning); center = the largest centred square",
+                          choices=("none", "center"))
     trim_prefix: bool = _opt(False, "t2av/tts: drop the prefix replayed from the reference clip from the output "
                                     "(the reference keeps it)")
     cfm_steps: int = _opt(10, "Euler steps per patch", SAMPLING, low=1, high=MAX_CFM_STEPS)

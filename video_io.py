@@ -26,6 +26,10 @@ import numpy as np
 from atomic import atomic_output
 from constants import FPS
 
+# One wording per problem (the pipeline uses them too)
+NO_VIDEO_STREAM = "no video stream (audio-only or not a video)"
+NO_FRAMES = "video has no decodable frames"
+
 # Sample rates AAC-LC signals directly; anything else is resampled to 48 kHz.
 AAC_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
 
@@ -50,7 +54,7 @@ def _check_file(path) -> str:
     """Absolute path of an existing regular file, else ValueError naming it."""
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"{path}: file not found")
+        raise FileNotFoundError(f"{path}: file not found")
     if not p.is_file():
         raise ValueError(f"{path}: not a regular file")
     if p.stat().st_size == 0:
@@ -149,6 +153,12 @@ def _read_exactly(stream, buf: memoryview) -> int:
     return got
 
 
+def check_video_stream(path) -> None:
+    """ValueError unless the file's header shows a video stream (nothing decoded)."""
+    if _media_info(path)["video"] is None:
+        raise ValueError(f"{path}: {NO_VIDEO_STREAM}")
+
+
 def read_frames(path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """All (or the first max_frames) frames of a video: (uint8 (T, H, W, 3) RGB, fps).
 
@@ -160,7 +170,7 @@ def read_frames(path, max_frames: int | None = None) -> tuple[np.ndarray, float]
     info = _media_info(path)
     video = info["video"]
     if video is None:
-        raise ValueError(f"{path}: no video stream (audio-only or not a video)")
+        raise ValueError(f"{path}: {NO_VIDEO_STREAM}")
     fps = video["fps"] or float(FPS)
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
            "-i", str(Path(path).resolve()), "-map", "0:V:0", "-an", "-sn", "-dn",
@@ -207,7 +217,7 @@ def read_frames(path, max_frames: int | None = None) -> tuple[np.ndarray, float]
         errf.seek(0)
         err = errf.read().decode("utf-8", errors="replace").strip()
     if n == 0:
-        raise ValueError(f"{path}: video has no decodable frames")
+        raise ValueError(f"{path}: {NO_FRAMES}")
     if rc != 0:
         last = err.splitlines()[-1] if err else f"ffmpeg exit code {rc}"
         raise ValueError(f"{path}: cannot decode video ({last})")
@@ -368,9 +378,9 @@ def mux_audio(video_path, wav_path, out_path, atomic: bool = True) -> None:
     """
     vinfo = probe(video_path)
     if vinfo["video_codec"] is None:
-        raise ValueError(f"{video_path}: no video stream")
+        raise ValueError(f"{video_path}: {NO_VIDEO_STREAM}")
     if not vinfo["n_frames"]:
-        raise ValueError(f"{video_path}: video has no frames")
+        raise ValueError(f"{video_path}: {NO_FRAMES}")
     audio = _audio_info(wav_path)
     copy_video = vinfo["video_codec"] == "h264" and vinfo["pix_fmt"] == "yuv420p"
     with _output(out_path, atomic) as tmp:

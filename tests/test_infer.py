@@ -334,3 +334,106 @@ def test_flags_come_from_the_request_schema():
             assert defaults[f.name] == f.default, f.name
     assert infer.cli_request(parser.parse_args(["--cfm-steps", "4", "--trim-prefix"])) == GenerationRequest(
         cfm_steps=4, trim_prefix=True, output="output.mp4")
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+def test_non_finite_sampling_value_exits_1_and_writes_nothing(tmp_path, capsys):
+    rc = infer.main(["--demo", "--quiet", "--mode", "tts", "--cfm-temperature", "nan", "--output",
+                     str(tmp_path / "o.wav")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == "infer.py: error: --cfm-temperature: must be a finite number, got nan"
+    assert list(tmp_path.iterdir()) == []
+
+
+_SLOW_RENDER = """
+import pathlib, sys, time
+sys.path.insert(0, {repo!r})
+import infer
+from lia_x import render
+real = render.render_frames
+def slow(*args, **kwargs):
+    it = real(*args, **kwargs)
+    yield next(it)
+    pathlib.Path({marker!r}).write_text("rendering")
+    time.sleep(120)
+    yield from it
+render.render_frames = slow
+sys.exit(infer.main(["--demo", "--quiet", "--output", {output!r}]))
+"""
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_during_rendering_leave_nothing(tmp_path, sig, code):
+    import signal
+    import time
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    marker = tmp_path / "marker"
+    script = _SLOW_RENDER.format(repo=str(REPO), marker=str(marker), output=str(out_dir / "o.mp4"))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=_env(), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no render started"
+        assert any(out_dir.iterdir())  # temporary files exist while rendering ...
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=60) == code
+    finally:
+        proc.kill()
+    assert "no partial output was left" in proc.stderr.read()
+    assert list(out_dir.iterdir()) == []  # ... and none is left
+
+
+def test_two_runs_writing_the_same_output_leave_a_matching_pair(tmp_path):
+    """Concurrent runs: last writer wins, but the mp4 and wav always come from the same run (a2v carries its
+    input audio unchanged, so each run's audio is recognisable by its tone)."""
+    from bad_inputs import tone
+    tone(tmp_path / "low.wav", 2.0, sr=24000)
+    low, high = tmp_path / "low.wav", tmp_path / "high.wav"
+    t = np.arange(48000) / 24000
+    sf.write(high, (0.3 * np.sin(2 * np.pi * 900 * t)).astype(np.float32), 24000)
+    out = tmp_path / "same.mp4"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "infer.py"), "--demo", "--quiet", "--mode", "a2v",
+                               "--audio", str(a), "--output", str(out)], cwd=tmp_path, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for a in (low, high)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["high.wav", "low.wav", "same.mp4", "same.wav"]
+
+    def dominant_hz(samples, sr):
+        spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+        return np.argmax(spectrum) * sr / len(samples)
+
+    wav, sr = sf.read(tmp_path / "same.wav")
+    pcm = subprocess.run([video_io.ffmpeg_exe(), "-v", "error", "-i", str(out), "-map", "0:a:0", "-ac", "1", "-ar",
+                          str(sr), "-f", "f32le", "pipe:1"], capture_output=True, check=True).stdout
+    mp4_audio = np.frombuffer(pcm, np.float32)
+    assert abs(dominant_hz(wav, sr) - dominant_hz(mp4_audio, sr)) < 20
+    _probe_ok(out)
+
+
+def test_default_outputs_are_ignored_by_git():
+    res = subprocess.run(["git", "check-ignore", "output.mp4", "output.wav", "output.latents.safetensors"],
+                         cwd=REPO, capture_output=True, text=True)
+    if res.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert res.stdout.split() == ["output.mp4", "output.wav", "output.latents.safetensors"]
+
+
+def test_output_problems_are_found_before_the_models_load(tmp_path, capsys, monkeypatch):
+    from pipeline import TalkerPipeline
+    monkeypatch.setattr(TalkerPipeline, "demo", classmethod(lambda cls, *a, **k: pytest.fail("models loaded")))
+    (tmp_path / "file").write_text("x")
+    rc = infer.main(["--demo", "--output", str(tmp_path / "file" / "o.mp4")])
+    assert rc == 1 and "infer.py: error: --output: " in capsys.readouterr().err
+    # the inputs' kinds and lengths are checked from their headers before loading, too
+    from bad_inputs import tone
+    tone(tmp_path / "long.wav", 31)
+    for argv, needle in ((["--ref-audio", str(tmp_path / "file")], "not a readable audio file"),
+                         (["--ref-video", str(tmp_path / "long.wav")], "no video stream"),
+                         (["--mode", "a2v", "--audio", str(tmp_path / "long.wav")], "at most 30 s")):
+        assert infer.main(["--demo", "--output", str(tmp_path / "o.mp4"), *argv]) == 1
+        assert needle in capsys.readouterr().err

@@ -320,3 +320,85 @@ def test_non_finite_output_is_never_written(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         _gen(broken, mode="tts", output=tmp_path / "nan.wav")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- bad input holes
+
+def test_v2a_keeps_the_input_frames_and_frame_rate(pipe, tmp_path):
+    """A 30 fps input: the output keeps its 60 frames at 30 fps; the speech (25 Hz latents) spans the same 2 s."""
+    src = tmp_path / "thirty.mp4"
+    frames, _ = video_io.read_frames(DEFAULT_REF_VIDEO, max_frames=60)
+    video_io.write_video(src, frames, fps=30)
+    r = _gen(pipe, mode="v2a", video=src, text="Thirty.", output=tmp_path / "dub.mp4")
+    assert (r.n_frames, r.video_fps) == (60, 30.0) and r.motion_raw.shape[0] == 50
+    assert "60 frames at 30 fps (2.00 s video)" in r.summary()
+    info = video_io.probe(r.video_path)
+    assert (info["n_frames"], info["fps"]) == (60, 30.0)
+    assert abs(info["audio_duration"] - info["video_duration"]) <= 1 / 30
+    assert sf.info(r.wav_path).frames == 50 * SAMPLES_PER_FRAME
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_reference_motion_shorter_than_a_patch(pipe, tmp_path, rows):
+    """Audio and video stay within one frame for every input, even a 1-frame reference motion."""
+    torch.save(0.05 * torch.randn(rows, 40), tmp_path / "short.pt")
+    r = _gen(pipe, mode="t2av", ref_motion=tmp_path / "short.pt", output=tmp_path / "o.mp4")
+    assert r.motion_raw.shape[0] == r.speech_latents.shape[0]
+    info = video_io.probe(r.video_path)
+    wav_seconds = sf.info(r.wav_path).frames / 24000
+    assert abs(info["video_duration"] - wav_seconds) <= FRAME_S and abs(info["audio_duration"] - wav_seconds) <= FRAME_S
+
+
+def test_reference_voice_shorter_than_the_prefix(pipe, tmp_path):
+    short = tmp_path / "short.wav"
+    data, sr = sf.read(DEFAULT_REF_AUDIO, dtype="float32")
+    sf.write(short, data[: int(0.2 * sr)], sr)
+    r = _gen(pipe, mode="t2av", ref_audio=short, gt_prefix_seconds=0.5)
+    assert r.motion_raw.shape[0] == r.speech_latents.shape[0] == r.audio_24k.numel() // SAMPLES_PER_FRAME
+
+
+def test_non_square_face_warns_or_is_cropped(pipe, tmp_path, monkeypatch):
+    wide = tmp_path / "wide.mp4"
+    frames, _ = video_io.read_frames(DEFAULT_REF_VIDEO, max_frames=8)
+    video_io.write_video(wide, np.concatenate([frames, frames[:, :, :256]], axis=2), fps=25)  # 768 x 512
+    from lia_x import render as liax_render
+    seen = []
+    real = liax_render.render_frames
+    monkeypatch.setattr(liax_render, "render_frames", lambda gen, face, *a, **k: seen.append(face.shape) or real(gen, face, *a, **k))
+    r = _gen(pipe, mode="t2av", ref_video=wide, output=tmp_path / "a.mp4")
+    assert any("768x512, not square" in w and "face_crop=center" in w for w in r.warnings)
+    assert seen[-1] == (512, 768, 3)  # squashed by the renderer, as the reference does
+    r = _gen(pipe, mode="t2av", ref_video=wide, face_crop="center", output=tmp_path / "b.mp4")
+    assert not any("not square" in w for w in r.warnings)
+    assert seen[-1] == (512, 512, 3)
+
+
+def test_unwritable_output_is_found_before_anything_runs(pipe, tmp_path, monkeypatch):
+    from pipeline import preflight
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RequestError, match=r"^output: .*file is a file, not a folder"):
+        preflight(output=tmp_path / "file" / "out.mp4")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    import subprocess
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        monkeypatch.setattr(pipe, "encode_audio", lambda *a: pytest.fail("generation started"))
+        with pytest.raises(RequestError, match=r"^output: .*cannot write in .*locked"):
+            _gen(pipe, mode="tts", output=locked / "out.wav")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_one_wording_per_problem(pipe, tmp_path):
+    missing = str(tmp_path / "gone")
+    for kwargs in (dict(ref_audio=missing + ".wav"), dict(ref_video=missing + ".mp4"), dict(ref_motion=missing + ".pt"),
+                   dict(mode="a2v", audio=missing + ".wav"), dict(mode="v2a", video=missing + ".mp4"),
+                   dict(mode="v2a", motion=missing + ".pt")):
+        with pytest.raises(FileNotFoundError, match=r"gone\.\w+: file not found$"):
+            _gen(pipe, **kwargs)
+    sf.write(tmp_path / "voice.wav", np.sin(np.arange(16000) / 9).astype(np.float32) * 0.3, 16000)
+    for kwargs in (dict(ref_video=tmp_path / "voice.wav"), dict(mode="v2a", video=tmp_path / "voice.wav")):
+        with pytest.raises(ValueError, match=r"voice\.wav: no video stream \(audio-only or not a video\)$"):
+            _gen(pipe, **kwargs)
