@@ -31,7 +31,8 @@ import torch
 import audio as audio_io
 import video_io
 from atomic import atomic_outputs
-from constants import CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, SAMPLES_PER_FRAME
+from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, PATCH_SIZE,
+                       SAMPLES_PER_FRAME)
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
@@ -332,9 +333,21 @@ def _prepare_reference(pipe, req, *, with_motion: bool, needs_face: bool) -> Mod
             inputs.ref_motion_frames = inputs.ref_motion_raw.shape[0]
         else:
             inputs.ref_motion_frames = pipe.video_motion_frames(req.ref_video)
+            if inputs.ref_motion_frames < PATCH_SIZE:  # a still image
+                inputs.ref_motion_raw = _still_face_motion(pipe, req.ref_video, ref_latents.shape[0])
+                inputs.ref_motion_frames = inputs.ref_motion_raw.shape[0]
     if needs_face:
         inputs.face = video_io.read_first_frame(req.ref_video)
     return inputs
+
+
+def _still_face_motion(pipe, ref_video, n_voice_frames: int) -> torch.Tensor:
+    """A face with no motion to speak of (an image, or a clip shorter than one patch) as a reference clip as
+    long as the voice: its last frame held still. The prompt keeps the released layout (speech + motion
+    prefix of gt_prefix_seconds) and the replayed prefix shows the still face over the voice's opening."""
+    motion = pipe.reference_motion(ref_video, PATCH_SIZE, progress=False)
+    n_frames = max(n_voice_frames, PATCH_SIZE, motion.shape[0])
+    return torch.cat([motion, motion[-1:].expand(n_frames - motion.shape[0], -1)])
 
 
 def prepare_t2av(pipe, req, progress) -> ModeInputs:
