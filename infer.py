@@ -29,7 +29,7 @@ CLI_DEFAULTS = {"output": "output.mp4"}  # the library writes nothing unless ask
 REQUEST_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(GenerationRequest)}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except the empty ones (their help says what happens)."""
 
     def _get_help_string(self, action):
@@ -95,7 +95,7 @@ def add_model_options(ap: argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().splitlines()[0],
-                                 formatter_class=_HelpFormatter)
+                                 formatter_class=HelpFormatter)
     _add_request_options(ap)
     weights_group, devices_group = add_model_options(ap)
     weights_group.add_argument("--licences", action="store_true",

@@ -338,6 +338,13 @@ def test_api_generates_an_mp4_and_keeps_the_cli_limits(client, tmp_path):
         client.predict(text="Too big a file.", ref_audio=handle_file(big), api_name="/tts")
 
 
+@pytest.mark.parametrize("mode,n_frames", [("a2v", 121), ("v2a", 100)])  # the sample voice's / face video's length
+def test_api_a2v_and_v2a_take_the_input_length(client, mode, n_frames):
+    video, downloads, report = client.predict(api_name=f"/{mode}")  # every input as the page presets it
+    _assert_mp4(Path(video), n_frames)
+    assert report.startswith(f"[talker] {mode}: ") and "(given_length)" in report
+
+
 def test_one_generation_at_a_time_behind_a_bounded_queue(app, server, browser, client, tmp_path):
     tab = Tab(app, browser, server, "tts")
     tab.set_option("max_seconds", 1)
