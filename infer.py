@@ -22,14 +22,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from request import GenerationRequest, RequestError
+from request import GenerationRequest, RequestError, field_kind
 
 PROG = "infer.py"
 CLI_DEFAULTS = {"output": "output.mp4"}  # the library writes nothing unless asked; the CLI writes here
 REQUEST_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in fields(GenerationRequest)}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except the empty ones (their help says what happens)."""
 
     def _get_help_string(self, action):
@@ -45,10 +45,10 @@ def _add_request_options(ap: argparse.ArgumentParser) -> None:
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], ap.add_argument_group(meta["group"]))
         default = CLI_DEFAULTS.get(f.name, f.default)
-        if str(f.type) == "bool":
+        if field_kind(f) == "bool":
             group.add_argument(REQUEST_FLAGS[f.name], action="store_true", help=meta["help"])
             continue
-        kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        kind = {"int": int, "float": float}.get(field_kind(f), str)
         group.add_argument(REQUEST_FLAGS[f.name], type=kind, default=default, choices=meta.get("choices"),
                            help=meta["help"])
         if f.name == "output":
@@ -57,11 +57,9 @@ def _add_request_options(ap: argparse.ArgumentParser) -> None:
                 "take the command-line values. Under torchrun each rank takes lines i with i %% WORLD_SIZE == RANK"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().splitlines()[0],
-                                 formatter_class=_HelpFormatter)
-    _add_request_options(ap)
-    g = ap.add_argument_group("weights")
+def add_model_options(ap: argparse.ArgumentParser):
+    """The weights and devices options (load_pipeline reads them); returns the two argument groups."""
+    g = weights_group = ap.add_argument_group("weights")
     g.add_argument("--demo", action="store_true",
                    help="tiny RANDOM models built in memory: runs offline in seconds, output is not speech")
     g.add_argument("--checkpoint-dir", default=None,
@@ -82,9 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: bezzam/wavlm_large_finetune_seed_tts_eval)")
     g.add_argument("--wavlm-filename", default=None, help="file name in --wavlm-repo (default: "
                                                           "wavlm_large_finetune.pth; size checked for the default)")
-    g.add_argument("--licences", action="store_true", help="print the licence of each weight file and exit")
 
-    g = ap.add_argument_group("devices")
+    g = devices_group = ap.add_argument_group("devices")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under "
                                                   "torchrun cuda:LOCAL_RANK)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -93,7 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LIA-X decoder convolution dtype (bfloat16: ~2x faster on CPU, small error)")
     g.add_argument("--render-batch-size", type=int, default=None,
                    help="frames per LIA-X batch (default: chosen from free memory)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return weights_group, devices_group
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().splitlines()[0],
+                                 formatter_class=HelpFormatter)
+    _add_request_options(ap)
+    weights_group, devices_group = add_model_options(ap)
+    weights_group.add_argument("--licences", action="store_true",
+                               help="print the licence of each weight file and exit")
+    devices_group.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
@@ -220,6 +227,8 @@ def load_pipeline(args, modes):
     import weights
     from pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline
 
+    if args.render_batch_size is not None and args.render_batch_size < 1:
+        raise UserError(f"--render-batch-size must be >= 1, got {args.render_batch_size}")
     rank, world, local_rank, local_world = _dist_env()
     device = args.device
     if device is None:
@@ -259,8 +268,6 @@ def run(args) -> int:
     if args.licences:
         print(weights.licence_text())
         return 0
-    if args.render_batch_size is not None and args.render_batch_size < 1:
-        raise UserError(f"--render-batch-size must be >= 1, got {args.render_batch_size}")
     rank, world, _, _ = _dist_env()
     if world > 1 and not args.batch_file and rank != 0:
         print(f"[rank {rank}] nothing to do: without --batch-file only rank 0 runs", flush=True)

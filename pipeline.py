@@ -384,12 +384,24 @@ def _prepare_reference(pipe, req, *, with_motion: bool, needs_face: bool) -> Mod
             inputs.ref_motion_raw = at_least_one_patch(load_motion_file(req.ref_motion)[:MAX_FRAMES])
             inputs.ref_motion_frames = inputs.ref_motion_raw.shape[0]
         else:
-            inputs.ref_motion_frames = max(PATCH_SIZE, pipe.video_motion_frames(req.ref_video))
+            inputs.ref_motion_frames = pipe.video_motion_frames(req.ref_video)
+            if inputs.ref_motion_frames < PATCH_SIZE:  # a still image
+                inputs.ref_motion_raw = _still_face_motion(pipe, req, ref_latents.shape[0])
+                inputs.ref_motion_frames = inputs.ref_motion_raw.shape[0]
     if needs_face:
         face = video_io.read_first_frame(req.ref_video)
         inputs.warnings += _squash_warning(req.ref_video, face, req.face_crop)
         inputs.face = face_frames(face[None], req.face_crop)[0]
     return inputs
+
+
+def _still_face_motion(pipe, req, n_voice_frames: int) -> torch.Tensor:
+    """A face with no motion to speak of (an image, or a clip shorter than one patch) as a reference clip as
+    long as the voice: its last frame held still. The prompt keeps the released layout (speech + motion
+    prefix of gt_prefix_seconds) and the replayed prefix shows the still face over the voice's opening."""
+    motion = pipe.reference_motion(req.ref_video, PATCH_SIZE, progress=False, face_crop=req.face_crop)
+    n_frames = max(n_voice_frames, PATCH_SIZE, motion.shape[0])
+    return torch.cat([motion, motion[-1:].expand(n_frames - motion.shape[0], -1)])
 
 
 def prepare_t2av(pipe, req, progress) -> ModeInputs:

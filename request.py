@@ -47,8 +47,9 @@ class GenerationRequest:
                                      "audio alone")
     ref_audio: Optional[str] = _opt(None, "reference voice (speaker timbre + prompt prefix); any rate/channels, "
                                           "<= 30 s. Default: samples/reference_voice.wav", kind="path")
-    ref_video: Optional[str] = _opt(None, "reference face video: its first frame is the face; its motion is the "
-                                          "prompt when --ref-motion is absent. Default: samples/reference_face.mp4",
+    ref_video: Optional[str] = _opt(None, "reference face: a video (its first frame is the face; its motion is the "
+                                          "prompt when --ref-motion is absent) or a still image (PNG/JPEG: the face "
+                                          "held still through the prefix). Default: samples/reference_face.mp4",
                                     kind="path")
     ref_motion: Optional[str] = _opt(None, "reference LIA-X motion (.pt, (frames, 40) raw); default: extracted "
                                            "from --ref-video", kind="path")
@@ -108,7 +109,8 @@ class GenerationRequest:
         return self
 
 
-def _type_of(f) -> str:
+def field_kind(f) -> str:
+    """'path', 'str', 'bool', 'int' or 'float': what a field holds (its annotation without Optional)."""
     if f.metadata.get("kind") == "path":
         return "path"
     return str(f.type).replace("Optional[", "").rstrip("]")
@@ -120,7 +122,7 @@ def _optional(f) -> bool:
 
 def _convert(f, value):
     """`value` as the field's type, or RequestError; None stays None where the field allows it."""
-    kind = _type_of(f)
+    kind = field_kind(f)
     if value is None:
         if _optional(f):
             return None

@@ -1,0 +1,387 @@
+"""app.py, the web page: `app.py --demo` served on a free loopback port, driven by a real headless Chromium
+(Debian's /usr/bin/chromium through playwright) and by gradio_client.
+
+Every generation asks for max_seconds 1, which makes its length certain whatever the random demo weights
+do: the loop stops at the cap, ceil(1 s * 25 / 4) = 7 patches, before the stop head may first be read (patch
+7); t2av and tts outputs start with the 0.5 s prefix (12 frames), so they hold 12 + 7 * 4 = 40 frames (1.6 s).
+
+Needs requirements-app.txt and Debian's chromium (.ci/run installs both); a missing one fails the tests,
+TALKER_SKIP_APP_TESTS=1 skips them instead.
+"""
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import soundfile as sf
+
+import infer
+import video_io
+from pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots (git-ignored)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+N_FRAMES = 12 + 7 * 4  # see the module docstring
+FRAME_S = 1 / 25
+HANG_GUARD_S = 180  # a deadline against hangs, never a speed requirement
+
+
+def _require(ok: bool, what: str) -> None:
+    if ok:
+        return
+    message = f"{what} is needed for the web page tests (.ci/run installs it)"
+    if os.environ.get("TALKER_SKIP_APP_TESTS") == "1":
+        pytest.skip(message)
+    pytest.fail(message)
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def app():
+    _require(_importable("gradio") and _importable("gradio_client"), "pip install -r requirements-app.txt")
+    import app
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`app.py --demo` in a subprocess, its temporary folder (TMPDIR) and output inside `folder`."""
+
+    def __init__(self, folder: Path):
+        self.tmp = folder / "tmp"
+        self.tmp.mkdir()
+        self.url = f"http://127.0.0.1:{_free_port()}/"
+        self.log_path = folder / "server.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(self.tmp), HF_HUB_OFFLINE="1",
+                   GRADIO_HEARTBEAT_INTERVAL="1", NO_PROXY="127.0.0.1,localhost")
+        cmd = [sys.executable, str(REPO / "app.py"), "--demo", "--port", self.url.rsplit(":", 1)[1].strip("/"),
+               "--queue-size", "1", "--max-upload-mb", "1"]
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self) -> None:
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + HANG_GUARD_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"app.py exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if opener.open(self.url, timeout=5).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"app.py did not answer within {HANG_GUARD_S} s:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(app, tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("app"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(app, tmp_path_factory):
+    _require(_importable("playwright") and Path(CHROMIUM).is_file(),
+             "playwright (requirements-app.txt) and Debian's chromium (apt-get install chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS)
+        context.set_default_timeout(HANG_GUARD_S * 1000)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+FETCH_BASE64 = """async (source) => {
+  const bytes = new Uint8Array(await (await fetch(source)).arrayBuffer());
+  let text = '';
+  for (const b of bytes) text += String.fromCharCode(b);
+  return btoa(text);
+}"""
+RECORD_STATUS = """() => {
+  window.statusSeen = [];
+  new MutationObserver(() => document.querySelectorAll('[data-testid=status-tracker]').forEach(e => {
+    const text = e.innerText.trim();
+    if (text && !window.statusSeen.includes(text)) window.statusSeen.push(text);
+  })).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+class Tab:
+    """One tab of a fresh page (a new session), with every request the page makes off the loopback noted."""
+
+    def __init__(self, app, context, server, mode: str):
+        self.mode, self.server = mode, server
+        self.page = context.new_page()
+        self.outside = []
+        self.page.on("request", lambda r: None if r.url.startswith((server.url, "data:", "blob:"))
+                     else self.outside.append(r.url))
+        self.page.goto(server.url)
+        self.page.get_by_role("tab", name=app.TABS[mode][0]).click()
+        self.page.wait_for_selector(f"#generate-{mode}", state="visible")
+        self.page.evaluate(RECORD_STATUS)
+
+    def fill_text(self, text: str) -> None:
+        self.page.fill(f"#text-{self.mode} textarea", text)
+
+    def set_option(self, name: str, value) -> None:
+        field = self.page.locator(f"#{name}-{self.mode} input")
+        if not field.is_visible():
+            self.page.click(f"#options-{self.mode} button.label-wrap")
+        field.fill(str(value))
+
+    def upload(self, name: str, path) -> None:
+        clear = self.page.locator(f"#{name}-{self.mode} button[aria-label=Clear]")
+        if clear.count():
+            clear.first.click()
+        self.page.set_input_files(f"#{name}-{self.mode} input[type=file]", str(path))
+
+    def generate(self) -> None:
+        self.page.click(f"#generate-{self.mode}")
+
+    def result(self, path: Path) -> Path:
+        """What the result player plays (its source fetched by the page), once the page has it, saved at path."""
+        player = f"#result-{self.mode} {'audio' if self.mode == 'tts' else 'video'}[src]"
+        source = self.page.wait_for_selector(player, state="attached").get_attribute("src")
+        path.write_bytes(base64.b64decode(self.page.evaluate(FETCH_BASE64, source)))
+        return path
+
+    def downloads(self) -> list:
+        """The files the downloads list links to, as their paths on the server."""
+        links = self.page.locator(f"#downloads-{self.mode} a[download]")
+        return [Path(unquote(href.split("/file=", 1)[1])) for href in links.evaluate_all("a => a.map(e => e.href)")]
+
+    def toast(self, needle: str) -> str:
+        return self.page.wait_for_selector(f".toast-body:has-text({needle!r})").inner_text()
+
+    def report(self) -> str:
+        return self.page.input_value(f"#report-{self.mode} textarea")
+
+    def status_seen(self) -> list:
+        return self.page.evaluate("window.statusSeen")
+
+
+
+def _assert_mp4(path: Path, n_frames=N_FRAMES) -> Path:
+    info = video_io.probe(path)
+    assert (info["video_codec"], info["pix_fmt"], info["audio_codec"]) == ("h264", "yuv420p", "aac")
+    assert info["faststart"] is True and info["fps"] == 25
+    assert info["n_frames"] == n_frames and abs(info["video_duration"] - n_frames * FRAME_S) < 1e-6
+    assert abs(info["audio_duration"] - info["video_duration"]) <= FRAME_S
+    return path
+
+
+def _still_face(path: Path) -> Path:
+    """The sample face's first frame as a PNG (written by ffmpeg)."""
+    subprocess.run([video_io.ffmpeg_exe(), "-v", "error", "-y", "-i", str(DEFAULT_REF_VIDEO), "-frames:v", "1",
+                    str(path)], check=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+def test_t2av_in_the_browser(app, server, browser, tmp_path):
+    tab = Tab(app, browser, server, "t2av")
+    tab.fill_text("Hello from the web page.")
+    tab.set_option("max_seconds", 1)
+    tab.generate()
+    _assert_mp4(tab.result(tmp_path / "t2av.mp4"))
+    report = tab.report().splitlines()
+    assert report[0].startswith(f"[talker] t2av: 1.60 s audio, {N_FRAMES} frames (1.60 s video); 7 patches "
+                                "(length_cap)")
+    assert any("hit the length cap" in line for line in report[1:])
+    assert report[-1] == f"warning: {app.DEMO_NOTICE}"
+    assert tab.page.locator("#demo-banner").inner_text().startswith("DEMO: tiny RANDOMLY INITIALISED")
+    assert [p.suffix for p in tab.downloads()] == [".wav"]
+    seen = tab.status_seen()  # the progress bar, fed by the pipeline's callback
+    assert any("7/7 patches" in s and "t2av patches" in s for s in seen), seen
+    assert any(f"{N_FRAMES}/{N_FRAMES} frames" in s and "render" in s for s in seen), seen
+    assert tab.outside == []  # no CDN, no fonts, no analytics: the page works offline
+    ARTIFACTS.mkdir(exist_ok=True)
+    tab.page.screenshot(path=str(ARTIFACTS / "app_t2av.png"), full_page=True)
+    tab.page.close()
+
+
+def test_tts_in_the_browser_and_the_session_files_go_when_the_page_closes(app, server, browser, tmp_path):
+    tab = Tab(app, browser, server, "tts")
+    tab.fill_text("Only speech this time.")
+    tab.set_option("max_seconds", 1)
+    tab.generate()
+    wav = tab.result(tmp_path / "tts.wav")
+    data, sr = sf.read(wav)
+    assert sr == 24000 and len(data) == N_FRAMES * 960
+    assert video_io.probe(wav)["audio_duration"] == pytest.approx(N_FRAMES * FRAME_S)
+    assert tab.report().startswith("[talker] tts: 1.60 s audio; 7 patches (length_cap)")
+
+    served, = tab.downloads()
+    assert served.is_file() and served.is_relative_to(server.tmp)
+    tab.page.close()  # the session ends: its folder goes
+    deadline = time.monotonic() + HANG_GUARD_S
+    while served.parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not served.parent.exists()
+
+
+def test_bad_upload_shows_the_cli_error_and_the_next_request_works(app, server, browser, tmp_path):
+    tab = Tab(app, browser, server, "tts")
+    tab.set_option("max_seconds", 1)
+    (tmp_path / "voice.txt").write_text("not a voice\n")
+    tab.upload("ref_audio", tmp_path / "voice.txt")  # the page itself refuses a file that is not audio
+    assert "Invalid file type: voice.txt" in tab.toast("voice.txt")
+
+    fake = tmp_path / "voice.wav"
+    fake.write_text("a text file named like audio\n")
+    with pytest.raises(ValueError) as err:
+        load_audio_checked(fake, "reference audio")
+    expected = infer.message_of(err.value).replace(str(fake), fake.name)  # what infer.py prints after "error: "
+    tab.upload("ref_audio", fake)
+    tab.generate()
+    assert expected in tab.toast(expected)
+    assert f"app.py: error: {expected}" in server.log()
+
+    tab.upload("ref_audio", DEFAULT_REF_AUDIO)
+    tab.generate()
+    assert sf.info(tab.result(tmp_path / "ok.wav")).frames == N_FRAMES * 960
+
+
+def test_still_image_face_in_the_browser(app, server, browser, tmp_path):
+    tab = Tab(app, browser, server, "t2av")
+    tab.set_option("max_seconds", 1)
+    tab.upload("ref_image", _still_face(tmp_path / "face.png"))
+    tab.page.wait_for_selector("#ref_image-t2av img")
+    tab.generate()
+    mp4 = _assert_mp4(tab.result(tmp_path / "still.mp4"))
+    frames, _ = video_io.read_frames(mp4, max_frames=12)
+    assert abs(frames.astype(int) - frames[:1].astype(int)).max() <= 8  # the prefix: the face held still
+
+
+def test_api_generates_an_mp4_and_keeps_the_cli_limits(client, tmp_path):
+    from gradio_client import handle_file
+
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert sorted(api) == ["/a2v", "/t2av", "/tts", "/v2a"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in api["/t2av"]["parameters"]}
+    assert (defaults["cfm_steps"], defaults["cfm_temperature"], defaults["seed"], defaults["max_seconds"]) == \
+           (10, 0.3, 0, None)  # GenerationRequest's defaults
+
+    video, downloads, report = client.predict(text="Through the API.", max_seconds=1, save_latents=True,
+                                              api_name="/t2av")
+    _assert_mp4(video)
+    assert sorted(Path(p).suffix for p in downloads) == [".safetensors", ".wav"]
+    assert report.startswith("[talker] t2av: 1.60 s audio")
+
+    from gradio_client.exceptions import AppError
+
+    long_voice = tmp_path / "long.wav"
+    sf.write(long_voice, [0.1, -0.1] * 4 * 31 * 1000, 8000)  # 31 s, 0.5 MB
+    with pytest.raises(AppError, match=r"^long\.wav: reference audio is 31\.0 s long; at most 30 s is supported"):
+        client.predict(text="Too long a voice.", ref_audio=handle_file(long_voice), api_name="/tts")
+    big = tmp_path / "big.wav"
+    sf.write(big, [0.1, -0.1] * 12000 * 25, 24000)  # 25 s, 1.2 MB: over this server's --max-upload-mb 1
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
+        client.predict(text="Too big a file.", ref_audio=handle_file(big), api_name="/tts")
+
+
+@pytest.mark.parametrize("mode,n_frames", [("a2v", 121), ("v2a", 100)])  # the sample voice's / face video's length
+def test_api_a2v_and_v2a_take_the_input_length(client, mode, n_frames):
+    video, downloads, report = client.predict(api_name=f"/{mode}")  # every input as the page presets it
+    _assert_mp4(Path(video), n_frames)
+    assert report.startswith(f"[talker] {mode}: ") and "(given_length)" in report
+
+
+def test_one_generation_at_a_time_behind_a_bounded_queue(app, server, browser, client, tmp_path):
+    tab = Tab(app, browser, server, "tts")
+    tab.set_option("max_seconds", 1)
+    running = client.submit(text="A slow request.", cfm_steps=300, max_seconds=1, api_name="/tts")
+    while running.status().code.name not in ("PROCESSING", "PROGRESS"):
+        assert not running.done(), running.result()
+        time.sleep(0.05)
+    tab.generate()  # waits for the device: this server's queue (--queue-size 1) is now full
+    tab.page.wait_for_function("window.statusSeen.some(s => s.startsWith('queue: 1/1'))")
+    assert running.status().code.name in ("PROCESSING", "PROGRESS")
+    refused = client.submit(text="One too many.", max_seconds=1, api_name="/tts")
+    with pytest.raises(Exception, match="Queue is full"):
+        refused.result()
+    assert sf.info(tab.result(tmp_path / "queued.wav")).frames == N_FRAMES * 960
+    assert running.result()[2].startswith("[talker] tts: 1.60 s audio")
+
+
+def test_session_files_go_when_the_last_session_using_them_ends(app, tmp_path):
+    cache = tmp_path / "cache"
+    upload, sample, elsewhere = cache / "h1" / "voice.wav", cache / "h2" / "sample.wav", tmp_path / "mine.wav"
+    for path in (upload, sample, elsewhere):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"RIFF")
+    files = app.SessionFiles(cache / "sessions", cache)
+    files.keep = {str(sample.resolve())}
+    first = files.folder("first", [upload, sample, elsewhere])
+    (first / "t2av-0000.mp4").write_bytes(b"")
+    files.folder("second", [upload])
+    files.end("first")
+    assert not first.exists() and upload.exists() and sample.exists() and elsewhere.exists()
+    files.end("second")
+    assert not upload.exists() and sample.exists() and elsewhere.exists()
+    assert files.folder("../../escape").parent == cache / "sessions"  # a session id is never a path
+
+
+def test_stopping_the_server_removes_its_files(server):
+    assert list(server.tmp.glob("talker-app-*"))  # uploads, outputs
+    assert server.stop() in (0, 130)
+    assert not list(server.tmp.glob("talker-app-*"))
+    assert "Traceback" not in server.log()
