@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 
-STAGES = ("llm_tiny", "llm", "vae", "spk", "liax")
-DEFAULT_STAGES = ("llm_tiny", "llm", "vae", "spk")
+STAGES = ("llm_tiny", "llm", "vae", "spk", "liax", "train_tiny", "train")
+DEFAULT_STAGES = ("llm_tiny", "llm", "vae", "spk", "train_tiny", "train")
 
 
 def _sync(device):
@@ -120,6 +120,82 @@ def stage_liax(device, args):
     return rows
 
 
+def _train_rows(folder, n_clips, seconds):
+    from training import synthetic
+    paths = synthetic.write_dataset(folder, n_t2sv=n_clips // 2, n_tts=n_clips - n_clips // 2, seconds=seconds)
+    return paths["jsonl"]
+
+
+def stage_train_tiny(device, args):
+    """Training throughput of the tiny preset (training/config_tiny.json, batch 2), online and cached features."""
+    import json
+    import tempfile
+
+    import torch
+    from training import precompute, train
+    torch.set_num_threads(1)  # what train.py uses for the tiny preset
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = _train_rows(os.path.join(tmp, "data"), 8, (3.0, 4.0, 5.0))
+        cfg = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "training", "config_tiny.json")))
+        cfg.update(data_path=manifest, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1000,
+                   max_steps=args.train_steps, use_cpu=device.type == "cpu")
+        t0 = time.perf_counter()
+        precompute.run(dict(cfg, feature_cache=os.path.join(tmp, "cache")), log=lambda m: None)
+        t_pre = time.perf_counter() - t0
+        for label, extra in (("online features", {}), ("cached features", {"feature_cache": os.path.join(tmp, "cache")})):
+            out = train.run(dict(cfg, output_dir=os.path.join(tmp, label.split()[0]), **extra), log=lambda m: None)
+            per_step = out["train_seconds"] / out["global_step"]
+            rows.append(dict(stage="train (tiny)", what=f"{label}, batch 2, clips 3-5 s, {out['global_step']} steps",
+                             value=f"{per_step:.3f} s/step",
+                             note=f"{2 / per_step:.1f} samples/s" + (f"; precompute {t_pre / 8:.2f} s/clip"
+                                                                        if extra else "")))
+    return rows
+
+
+def stage_train(device, args):
+    """One forward + backward of the released-size SpeechLLM at batch 1 (5 s clip with motion), with the frozen
+    encoders running inside the step (online) and with cached features."""
+    import torch
+    from pipeline import demo_tokenizer
+    from speaker_verification import init_model
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    from training.dataset import Collator, DataArguments, TalkerDataset, build_rows
+    from whisperx_vae import WhisperXVAE, assumed_release_cfg
+    import tempfile
+
+    torch.manual_seed(0)
+    model = SpeechLLM(released_model_args(), qwen3_0_6b_config())
+    model.pretrained_speech_encoder = WhisperXVAE(assumed_release_cfg())
+    model.spk = init_model("wavlm_large")
+    model = model.freeze_for_training().to(device).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = _train_rows(os.path.join(tmp, "data"), 2, (5.0,))
+        rows = build_rows(DataArguments(data_path=manifest), log=lambda m: None)
+        dataset = TalkerDataset(rows[:1], demo_tokenizer(1000), model.model_args)
+        batch = Collator(dataset.tokenizer.pad_token_id)([dataset[0]])
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    keys = ("input_ids", "attention_mask", "speech_span", "mel_len", "motion_len", "task_tag", "motion")
+    online = {k: batch[k] for k in keys + ("audio", "audio16k", "feat")}
+    with torch.no_grad(), model.amp():
+        latents = model.get_speech_latents(batch["audio"], batch["feat"], batch["mel_len"])
+        speaker = model.get_speaker_embeddings(batch["audio16k"], batch["mel_len"])
+    cached = {k: batch[k] for k in keys} | {"speech_latents": latents, "speaker_emb": speaker}
+
+    def step(inputs):
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _timed(lambda: step(cached), device)  # warm-up
+    _, t_cached = _timed(lambda: step(cached), device)
+    _, t_online = _timed(lambda: step(online), device)
+    what = f"fwd+bwd batch 1, 5 s clip, {n / 1e6:.0f} M trainable"
+    return [dict(stage="train (full)", what=f"{what}, cached features", value=f"{t_cached:.2f} s/step", note=""),
+            dict(stage="train (full)", what=f"{what}, online (VAE + WavLM in the step)", value=f"{t_online:.2f} s/step",
+                 note=f"encoders {t_online - t_cached:.2f} s")]
+
+
 def run_stage(name, device_name, args):
     import torch
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -148,6 +224,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--liax-frames", type=int, default=2, help="frames timed per LIA-X setting")
     ap.add_argument("--liax-batch", type=int, default=2, help="batch size of the batched LIA-X runs")
+    ap.add_argument("--train-steps", type=int, default=20, help="optimizer steps timed per tiny training run")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._stage:

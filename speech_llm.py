@@ -288,6 +288,44 @@ class SpeechLLM(nn.Module):
             raise RuntimeError("no speaker encoder (spk) attached; pass speaker_emb instead")
         return encode_speaker(self.spk, audio16k[:, 0], min(int(n) for n in mel_len))
 
+    # ------------------------------------------------------------------ training set-up
+    def freeze_for_training(self):
+        """Freeze what the reference freezes: the attached encoders (WhisperX-VAE, speaker encoder; also kept
+        in eval mode, see train()) and lm_head (never used; tied to the token embeddings, which freezes
+        those too, as in the reference)."""
+        for module in (self.pretrained_speech_encoder, self.spk, self.llm.lm_head):
+            if module is not None:
+                module.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):
+        """nn.Module.train, except that the attached frozen encoders always stay in eval mode (the
+        reference's Trainer puts them back in train mode: batch statistics in the speaker encoder's
+        BatchNorm layers)."""
+        super().train(mode)
+        for module in (self.pretrained_speech_encoder, self.spk):
+            if module is not None:
+                module.eval()
+        return self
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        """Activation (gradient) checkpointing of the backbone's decoder layers (what Trainer calls for
+        `gradient_checkpointing: true`); the heads and patch encoders are small and are not checkpointed."""
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs or {"use_reentrant": False},
+                                                 every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        self.llm.activation_checkpointing_disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    def enable_input_require_grads(self):
+        self.llm.enable_input_require_grads()
+
     # ------------------------------------------------------------------ training
     def forward(self, input_ids, attention_mask, feat=None, mel_len=None, audio=None, audio16k=None,
                 motion_len=None, speech_span=None, motion=None, task_tag=None,
@@ -313,9 +351,10 @@ class SpeechLLM(nn.Module):
             loss_speech, loss_motion = self._cfm_losses(hidden, speech_span, speech_latents, mel_len, speaker_emb,
                                                         motion, motion_len)
             stop_loss, stop_labels, stop_pos_weight = self._stop_loss(hidden, speech_span)
-            # zero-weighted terms keep every parameter in the graph (DDP), as in the reference
+            # zero-weighted terms keep every parameter in the graph (DDP), as in the reference; the patch
+            # encoders too, which an all-TTS batch (motion) or a batch without placeholders would not reach
             keep = (self.projector_motion(motion.new_zeros((1, 1, motion.size(-1)))).sum() * 0
-                    + self.motion_pad_emb.sum() * 0)
+                    + self.motion_pad_emb.sum() * 0 + self._patch_encoders_in_graph(inputs_embeds) * 0)
             total = loss_speech + self.motion_cfm_weight * loss_motion + stop_loss + keep
         return SpeechLLMOutput(loss=total, loss_speech_cfm=loss_speech, loss_motion_cfm=loss_motion,
                                stop_loss=stop_loss, inputs_embeds=inputs_embeds, hidden=hidden,
@@ -385,8 +424,12 @@ class SpeechLLM(nn.Module):
             s0 = int(speech_span[i, 0])
             if s0 >= 0:
                 lm = min(int(motion_len[i]), motion.size(1)) if motion_len is not None else motion.size(1)
-                motion_rows += self._cfm_targets(hidden[i], motion[i], lm, motion[i, 0], s0 + self.delay)
-        loss_speech = self._cfm_loss(self.speech_cfm, speech_rows) if speech_rows else hidden.new_zeros(())
+                if lm > 0:  # (an all-TTS batch has no motion frame at all)
+                    motion_rows += self._cfm_targets(hidden[i], motion[i], lm, motion[i, 0], s0 + self.delay)
+        if speech_rows:
+            loss_speech = self._cfm_loss(self.speech_cfm, speech_rows)
+        else:  # no sample with two speech patches: a zero-weighted pass keeps the head in the graph (DDP)
+            loss_speech = self._dummy_cfm_loss(self.speech_cfm, hidden, self.model_args.speaker_embedding_dim)
         if motion_rows:
             loss_motion = self._cfm_loss(self.motion_cfm, motion_rows)
         else:  # the reference still runs (and draws RNG for) a zero-weighted dummy motion loss
@@ -399,11 +442,19 @@ class SpeechLLM(nn.Module):
         return cfm.compute_loss(x1=x1, mu=mu, cond=cond, global_cond=gc, tgt_mask=mask)
 
     def _dummy_motion_loss(self, hidden):
-        dim, PS = self.model_args.motion_embedding_dim, self.patch_size
-        return self.motion_cfm.compute_loss(
+        return self._dummy_cfm_loss(self.motion_cfm, hidden, self.model_args.motion_embedding_dim)
+
+    def _dummy_cfm_loss(self, cfm, hidden, global_dim: int):
+        dim, PS = cfm.in_channels, self.patch_size
+        return cfm.compute_loss(
             x1=hidden.new_zeros((1, dim, PS)), mu=hidden.new_zeros((1, hidden.size(-1))),
-            cond=hidden.new_zeros((1, dim, self.context_patches * PS)), global_cond=hidden.new_zeros((1, dim)),
+            cond=hidden.new_zeros((1, dim, self.context_patches * PS)), global_cond=hidden.new_zeros((1, global_dim)),
             tgt_mask=hidden.new_ones((1, 1, PS))) * 0
+
+    def _patch_encoders_in_graph(self, like):
+        """Sum of both patch encoders over one all-zero patch (multiplied by 0 by the caller)."""
+        zeros = like.new_zeros((1, 1, self.patch_size, like.size(-1)))
+        return self.speech_patch_encoder(zeros).sum() + self.motion_patch_encoder(zeros).sum()
 
     def _stop_loss(self, hidden, speech_span):
         labels, pos_weight = build_stop_labels_ditar(
@@ -584,15 +635,17 @@ class SpeechLLM(nn.Module):
         if leftovers:
             raise ValueError(f"not initialised after loading: {leftovers[:10]}")
 
-    def save_pretrained(self, save_dir, tokenizer=None):
+    def save_pretrained(self, save_dir, tokenizer=None, state_dict=None):
         """Write model.safetensors (without encoder keys and the tied LM head), config.json (backbone
-        config) and speech_llm_args.json; the tokenizer too when given."""
+        config) and speech_llm_args.json; the tokenizer too when given. `state_dict`: the weights to write
+        instead of this module's own (e.g. gathered from a sharded training run)."""
         from safetensors.torch import save_file
 
         from atomic import atomic_output
 
         os.makedirs(save_dir, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()
                  if not k.startswith(ENCODER_PREFIXES) and not (k in TIED_KEYS and self.config.tie_word_embeddings)}
         with atomic_output(os.path.join(save_dir, WEIGHTS_NAME)) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})

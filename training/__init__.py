@@ -1,0 +1,1 @@
+"""Training and fine-tuning of Talker-T2AV (see README.md, section Training)."""
