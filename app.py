@@ -251,7 +251,8 @@ def input_component(name: str, mode: str):
 def option_fields(mode: str) -> list:
     """The request fields a tab offers as options (the numbers and switches), in the schema's order."""
     hidden = set(PAGE_SETS) | (set(LENGTH_OPTIONS) if mode in ("a2v", "v2a") else set())
-    return [f for f in FIELDS.values() if f.name not in hidden and field_kind(f) in ("bool", "int", "float")]
+    return [f for f in FIELDS.values() if f.name not in hidden and field_kind(f) in ("bool", "int", "float")
+            and not (field_kind(f) == "bool" and f.default is None)]  # auto switches (long_form) stay auto
 
 
 def option_component(f, mode: str):

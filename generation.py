@@ -23,11 +23,12 @@ from typing import Callable, Iterator, Optional
 import torch
 from transformers.cache_utils import DynamicCache
 
-from constants import (FPS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
+from constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
                        STOP_THRESHOLD)
 from prompt import Prompt, to_patches
 
 TASKS = ("t2av", "tts")
+TEXT_CAP_FACTOR, TEXT_CAP_PAD_SECONDS = 1.5, 1.0  # text rule: 1.5x the estimated speech + 1 s (<= 30 s)
 
 
 # ------------------------------------------------------------------------------------------ length plan
@@ -42,7 +43,7 @@ class LengthPlan:
     ref_motion_patches: int  # t2av: patches of the reference motion the prompt reads (0 for tts)
     n_placeholders: int  # placeholder run of the chat prompt (only its start matters at inference)
     max_steps: int  # loop steps at most = patches generated at most
-    rule: str  # why max_steps is what it is: "released", "max_seconds", "given_speech", "given_motion"
+    rule: str  # why max_steps is what it is: "released", "max_seconds", "text", "given_speech", "given_motion"
     use_stop_head: bool = True
 
     @property
@@ -53,13 +54,15 @@ class LengthPlan:
 def plan_lengths(task: str, *, ref_speech_frames: int, ref_motion_frames: int = 0, gt_prefix_seconds: float = 0.5,
                  delay: int = 0, patch_size: int = PATCH_SIZE, given_speech_frames: Optional[int] = None,
                  given_motion_frames: Optional[int] = None, max_seconds: Optional[float] = None,
-                 margin_patches: int = RELEASED_CAP_MARGIN_PATCHES) -> LengthPlan:
+                 margin_patches: int = RELEASED_CAP_MARGIN_PATCHES,
+                 text_seconds: Optional[float] = None) -> LengthPlan:
     """The length plan of one run of the loop.
 
     Released rule (the default): the loop runs at most (patches of the reference clip - prefix patches +
     `margin_patches`) steps. `max_seconds` replaces it by ceil(max_seconds * 25 / 4) steps. Teacher forcing
     sets the length: given speech of N frames -> ceil(N/4) steps; given motion of M frames -> ceil(M/4) +
-    delay steps (the stop head is not read).
+    delay steps (the stop head is not read). Text rule (long-form windows, `text_seconds` = an estimate of
+    the window's speech, longform.estimate_speech_seconds): min(30, 1.5 * text_seconds + 1) seconds.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
@@ -92,6 +95,9 @@ def plan_lengths(task: str, *, ref_speech_frames: int, ref_motion_frames: int = 
                           use_stop_head=False)
     if max_seconds is not None:
         return LengthPlan(task, **plan, max_steps=math.ceil(max_seconds * FPS / PS), rule="max_seconds")
+    if text_seconds is not None:
+        seconds = min(MAX_SECONDS, TEXT_CAP_FACTOR * text_seconds + TEXT_CAP_PAD_SECONDS)
+        return LengthPlan(task, **plan, max_steps=math.ceil(seconds * FPS / PS), rule="text")
     return LengthPlan(task, **plan, max_steps=released, rule="released")
 
 

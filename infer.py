@@ -45,6 +45,10 @@ def _add_request_options(ap: argparse.ArgumentParser) -> None:
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], ap.add_argument_group(meta["group"]))
         default = CLI_DEFAULTS.get(f.name, f.default)
+        if field_kind(f) == "bool" and f.default is None:  # None = auto: --name / --no-name
+            group.add_argument(REQUEST_FLAGS[f.name], action=argparse.BooleanOptionalAction, default=None,
+                               help=meta["help"])
+            continue
         if field_kind(f) == "bool":
             group.add_argument(REQUEST_FLAGS[f.name], action="store_true", help=meta["help"])
             continue

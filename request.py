@@ -66,6 +66,10 @@ class GenerationRequest:
     face_crop: str = _opt("none", "how a non-square face is fitted to the renderer's square: none = squashed, as "
                                   "the reference does (with a warning); center = the largest centred square",
                           choices=("none", "center"))
+    long_form: Optional[bool] = _opt(None, "t2av/tts: split the text into windows (sentences, then clauses) "
+                                           "generated one after another, each prompted with the end of the "
+                                           "previous one; a2v/v2a: inputs over 30 s in 28 s windows. Default: "
+                                           "on when the text (or input) needs more than one window")
     trim_prefix: bool = _opt(False, "t2av/tts: drop the prefix replayed from the reference clip from the output "
                                     "(the reference keeps it)")
     cfm_steps: int = _opt(10, "Euler steps per patch", SAMPLING, low=1, high=MAX_CFM_STEPS)

@@ -497,9 +497,66 @@ def save_checkpoint(model: WhisperXVAE, path) -> None:
                os.fspath(path))
 
 
+# ---------------------------------------------------------------------------------------------
+# Chunked and streaming decode
+# ---------------------------------------------------------------------------------------------
+
+# The decoder's receptive field, measured (tests/test_streaming.py): perturbing latent frame i changes
+# output samples of frames i-15 .. i+16 only; decoding frames [a, b) from latents [a-16, b+16) is equal to
+# the one-shot decode within float32 rounding. Same strides as the release ([4, 6, 5, 4, 2], kernels 7).
+DECODER_CONTEXT_FRAMES = 16
+SAMPLES_PER_LATENT = 960
+
+
+@torch.no_grad()
+def decode_span(vae: "WhisperXVAE", latents_td: torch.Tensor, start: int, end: int,
+                left: int = DECODER_CONTEXT_FRAMES, right: int = DECODER_CONTEXT_FRAMES) -> torch.Tensor:
+    """(T, 32) latents -> the (end - start) * 960 samples of frames [start, end), decoded from latents
+    [start - left, end + right) (clipped to the sequence): with left = right = 16, equal to the same samples
+    of vae.decode(all latents)."""
+    n = latents_td.shape[0]
+    a, b = max(0, start - left), min(n, end + right)
+    wav = vae.decode(latents_td[a:b][None], latent_layout="btc").reshape(-1)
+    return wav[(start - a) * SAMPLES_PER_LATENT:(end - a) * SAMPLES_PER_LATENT].float()
+
+
+class StreamingDecoder:
+    """Latents in as they are sampled, the waveform out as soon as it is final.
+
+    push(latents) returns the samples of every frame that now has `lookahead` frames after it (16: equal to
+    the one-shot decode; fewer: earlier audio, approximate); finish() returns the rest. The samples returned
+    over a run add up to the one-shot decode of all the latents pushed."""
+
+    def __init__(self, vae: "WhisperXVAE", lookahead: int = DECODER_CONTEXT_FRAMES,
+                 context: int = DECODER_CONTEXT_FRAMES):
+        if lookahead < 0 or context < 0:
+            raise ValueError(f"lookahead and context must be >= 0, got {lookahead}, {context}")
+        self.vae, self.lookahead, self.context = vae, lookahead, context
+        self._latents = []  # (n, 32) chunks pushed so far
+        self.n_frames = 0  # latent frames pushed
+        self.n_emitted = 0  # frames whose samples were returned
+
+    def push(self, latents_td: torch.Tensor) -> torch.Tensor:
+        self._latents.append(latents_td.detach().float())
+        self.n_frames += latents_td.shape[0]
+        return self._emit(self.n_frames - self.lookahead)
+
+    def finish(self) -> torch.Tensor:
+        return self._emit(self.n_frames)
+
+    def _emit(self, end: int) -> torch.Tensor:
+        if end <= self.n_emitted:
+            return torch.zeros(0)
+        all_td = torch.cat(self._latents)
+        self._latents = [all_td]
+        wav = decode_span(self.vae, all_td, self.n_emitted, end, self.context, self.lookahead)
+        self.n_emitted = end
+        return wav.cpu()
+
+
 __all__ = [
     "WhisperDims", "WHISPER_LARGE_V3_DIMS", "tiny_whisper_dims", "tiny_cfg", "assumed_release_cfg",
     "WhisperXVAE", "load_whisperx_vae", "read_checkpoint", "build_on_meta", "save_checkpoint",
     "openai_to_transformers_whisper_keys", "transformers_to_openai_whisper_keys", "whisper_sinusoids",
-    "CHECKPOINT_SAFE_GLOBALS",
+    "CHECKPOINT_SAFE_GLOBALS", "DECODER_CONTEXT_FRAMES", "decode_span", "StreamingDecoder",
 ]
