@@ -34,6 +34,7 @@ import video_io
 from atomic import atomic_outputs
 from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, PATCH_SIZE,
                        SAMPLES_PER_FRAME)
+import longform
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
@@ -74,6 +75,7 @@ class GenerationResult:
     latents_path: Optional[str] = None
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    windows: list = field(default_factory=list)  # long-form: longform.WindowReport per window
 
     @property
     def audio_seconds(self) -> float:
@@ -137,12 +139,12 @@ def _motion_from_latents_file(path: str) -> torch.Tensor:
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
 
 
-def check_audio_seconds(path, seconds: float, what: str) -> None:
-    """Refuse clips shorter than 0.1 s or longer than 30 s."""
+def check_audio_seconds(path, seconds: float, what: str, any_length: bool = False) -> None:
+    """Refuse clips shorter than 0.1 s or (unless any_length) longer than 30 s."""
     if seconds < MIN_SECONDS:
         raise ValueError(f"{path}: {what} is {seconds * 1000:.0f} ms long; at least {MIN_SECONDS * 1000:.0f} ms "
                          "is needed")
-    if seconds > MAX_SECONDS + 1e-3:
+    if seconds > MAX_SECONDS + 1e-3 and not any_length:
         raise ValueError(f"{path}: {what} is {seconds:.1f} s long; at most {MAX_SECONDS} s is supported (trim it, "
                          f"e.g. ffmpeg -i IN -t {MAX_SECONDS} OUT.wav)")
 
@@ -152,6 +154,21 @@ def load_audio_checked(path, what: str) -> audio_io.ReferenceAudio:
     wav, sr = audio_io.load_audio(path)
     check_audio_seconds(path, wav.numel() / sr, what)
     return audio_io.reference_audio(wav, sr)
+
+
+def load_reference_audio(path) -> tuple:
+    """(the model's inputs of a reference voice, warnings): a clip over 30 s is cut to its first 30 s."""
+    wav, sr = audio_io.load_audio(path)
+    seconds = wav.numel() / sr
+    check_audio_seconds(path, seconds, "reference audio", any_length=True)
+    cut = [f"{path}: reference audio is {seconds:.1f} s long; only its first {MAX_SECONDS} s are used"] \
+        if seconds > MAX_SECONDS + 1e-3 else []
+    return audio_io.reference_audio(wav, sr), cut
+
+
+def long_input_allowed(req) -> bool:
+    """a2v/v2a inputs over 30 s run in long-form windows unless long_form is off."""
+    return req.long_form is not False
 
 
 def resample_indices(n_frames: int, fps_in: float) -> np.ndarray:
@@ -249,7 +266,8 @@ def preflight(request: Optional[GenerationRequest] = None, **kwargs) -> Generati
         if not p.is_file():
             raise ValueError(f"{path}: not a regular file")
         if name in ("ref_audio", "audio"):
-            check_audio_seconds(path, audio_io.audio_seconds(path), "reference audio" if name == "ref_audio" else "audio")
+            check_audio_seconds(path, audio_io.audio_seconds(path), "reference audio" if name == "ref_audio" else "audio",
+                                any_length=name == "ref_audio" or long_input_allowed(req))
         elif name in ("ref_video", "video"):
             video_io.check_video_stream(path)
         else:
@@ -376,9 +394,9 @@ def at_least_one_patch(motion_raw: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare_reference(pipe, req, *, with_motion: bool, needs_face: bool) -> ModeInputs:
-    ref = load_audio_checked(req.ref_audio, "reference audio")
+    ref, cut_warning = load_reference_audio(req.ref_audio)
     ref_latents, speaker = pipe.encode_audio(ref)
-    inputs = ModeInputs(ref, ref_latents, speaker)
+    inputs = ModeInputs(ref, ref_latents, speaker, warnings=cut_warning)
     if with_motion:
         if req.ref_motion is not None:
             inputs.ref_motion_raw = at_least_one_patch(load_motion_file(req.ref_motion)[:MAX_FRAMES])
@@ -414,9 +432,13 @@ def prepare_tts(pipe, req, progress) -> ModeInputs:
 
 def prepare_a2v(pipe, req, progress) -> ModeInputs:
     inputs = _prepare_reference(pipe, req, with_motion=True, needs_face=True)
-    driving = load_audio_checked(req.audio, "audio")
-    inputs.given_speech, _ = pipe.encode_audio(driving)
-    inputs.driving_audio_24k = driving.audio_24k.float().cpu()
+    wav, sr = audio_io.load_audio(req.audio)
+    check_audio_seconds(req.audio, wav.numel() / sr, "audio", any_length=long_input_allowed(req))
+    piece = MAX_SECONDS * sr  # the encoder takes 30 s at a time: longer audio is encoded piece by piece
+    drivings = [audio_io.reference_audio(wav[i:i + piece], sr) for i in range(0, wav.numel(), piece)
+                if i == 0 or wav.numel() - i >= MIN_SECONDS * sr]
+    inputs.given_speech = torch.cat([pipe.encode_audio(d)[0] for d in drivings])
+    inputs.driving_audio_24k = torch.cat([d.audio_24k.float().cpu() for d in drivings])
     return inputs
 
 
@@ -427,7 +449,7 @@ def prepare_v2a(pipe, req, progress) -> ModeInputs:
     else:
         frames, fps_in = video_io.read_frames(req.video)
         idx = resample_indices(len(frames), fps_in)
-        if len(idx) > MAX_FRAMES:
+        if len(idx) > MAX_FRAMES and not long_input_allowed(req):
             raise ValueError(f"{req.video}: video is {len(frames) / fps_in:.1f} s long; at most {MAX_SECONDS} s "
                              "is supported")
         inputs.warnings += _squash_warning(req.video, frames[0], req.face_crop)
@@ -435,7 +457,7 @@ def prepare_v2a(pipe, req, progress) -> ModeInputs:
                                                       "video motion")
         inputs.source_video, inputs.source_frames, inputs.source_fps = req.video, len(frames), fps_in
         source = req.video
-    if inputs.given_motion_raw.shape[0] > MAX_FRAMES:
+    if inputs.given_motion_raw.shape[0] > MAX_FRAMES and not long_input_allowed(req):
         raise ValueError(f"{source}: motion has {inputs.given_motion_raw.shape[0]} frames; at most {MAX_FRAMES} "
                          f"({MAX_SECONDS} s at {FPS} fps) are supported")
     return inputs
@@ -666,19 +688,39 @@ class TalkerPipeline:
         adds <output>.latents.safetensors."""
         req = resolve_request(request, **kwargs)
         paths = output_paths(req.output, req.mode, req.save_latents) if req.output is not None else None
-        prepare, assemble = MODES[req.mode]
         timings = {"load": self.load_seconds} if self.load_seconds else {}
         self.load_seconds = 0.0  # counted once, in the first result
         with _timed(timings, "inputs"):
-            inputs = prepare(self, req, progress)
-            plan = self.plan(req, inputs)
-            if req.mode != "tts" and inputs.ref_motion_raw is None:
-                inputs.ref_motion_raw = at_least_one_patch(self.reference_motion(
-                    req.ref_video, max(1, plan.prefix_frames), progress, req.face_crop))
-            input_ids, speech_start = text_prompt(self.tokenizer, req.text, plan.n_placeholders,
-                                                  int(self.llm.model_args.model_max_length), self.patch_size)
+            inputs, plan, windows = self._inputs(req, progress)
+            if windows is None:
+                input_ids, speech_start = text_prompt(self.tokenizer, req.text, plan.n_placeholders,
+                                                      int(self.llm.model_args.model_max_length), self.patch_size)
         with _timed(timings, "generate"):
-            out = self._run(req, inputs, plan, input_ids, speech_start, progress)
+            if windows is None:
+                out, reports = self._run(req, inputs, plan, input_ids, speech_start, progress), []
+            else:
+                lf = longform.run(self, req, inputs, windows, progress)
+                out, reports = lf.output, lf.reports
+        return self._finish(req, inputs, plan, out, reports, paths, timings, progress)
+
+    def _inputs(self, req, progress):
+        """(the mode's inputs, the plan of the run (of window 1), the long-form windows or None)."""
+        inputs = self.prepare(req, progress)
+        windows = longform.plan_windows(req, inputs)
+        plan = self.plan(req, inputs) if windows is None else longform.window_plan(self, req, inputs, windows[0])
+        if windows is not None:
+            longform.check_windows(self, req, inputs, windows)
+        if req.mode != "tts" and inputs.ref_motion_raw is None:
+            inputs.ref_motion_raw = at_least_one_patch(self.reference_motion(
+                req.ref_video, max(1, plan.prefix_frames), progress, req.face_crop))
+        return inputs, plan, windows
+
+    def prepare(self, req, progress):
+        return MODES[req.mode][0](self, req, progress)
+
+    def _finish(self, req, inputs, plan, out, reports, paths, timings, progress, write: bool = True):
+        """Assemble the mode's outputs into the result; write them (`paths`) unless write=False."""
+        assemble = MODES[req.mode][1]
         with _timed(timings, "decode"):
             assembled = assemble(self, inputs, out)
             if req.trim_prefix and assembled.prefix_frames:
@@ -689,17 +731,29 @@ class TalkerPipeline:
             speech_latents=assembled.speech_latents, motion_raw=assembled.motion_raw,
             generated_motion_norm=None if req.mode == "tts" else out.motion_norm.float().cpu(),
             n_patches=out.n_patches, stopped_by=out.stopped_by, prefix_frames=assembled.prefix_frames, plan=plan,
-            timings=timings, warnings=list(inputs.warnings))
+            timings=timings, warnings=list(inputs.warnings), windows=list(reports))
         if inputs.source_video is not None:
             result.video_frames, result.video_fps = inputs.source_frames, inputs.source_fps
-        if out.stopped_by == "length_cap":
+        if reports:
+            result.warnings += longform.cap_warnings(reports)
+        elif out.stopped_by == "length_cap":
             result.warnings.append(
                 f"generation hit the length cap ({out.n_patches} patches = {plan.max_seconds:.1f} s) before "
                 "the model chose to stop: the text may be cut short; use a longer reference clip or max_seconds")
-        if paths is not None:
+        if paths is not None and write:
             with _timed(timings, "render"):
                 self._write(result, paths, inputs, progress)
         return result
+
+    def stream(self, request: Optional[GenerationRequest] = None, *, every: int = 1, progress: Progress = False,
+               lookahead: int = 16, render: bool = True, mp4=None, **kwargs):
+        """Generate while yielding streaming.Chunk's (new 24 kHz samples and new frames, with their times)
+        every `every` patches; the last item is the GenerationResult generate() returns (written to
+        `output` as generate does). See streaming.stream."""
+        import streaming
+
+        return streaming.stream(self, request, every=every, progress=progress, lookahead=lookahead,
+                                render=render, mp4=mp4, **kwargs)
 
     def plan(self, req: GenerationRequest, inputs: ModeInputs) -> LengthPlan:
         """The length plan of a request (generation.plan_lengths with the request's lengths)."""
