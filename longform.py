@@ -190,8 +190,9 @@ class LongFormRun:
     windows: List[Window]
     output: Optional[GenerationOutput] = None
     reports: List[WindowReport] = field(default_factory=list)
-    current_prompt: object = None  # the prompt of the window running (tests read its prefix)
-    prompts: list = field(default_factory=list)
+    first_plan: Optional[LengthPlan] = None  # window 1's plan when not the text rule (a single run as before)
+    prompts: list = field(default_factory=list)  # the prompt of every window started
+    output_plan: Optional[LengthPlan] = None
 
     @torch.no_grad()
     def __iter__(self) -> Iterator[tuple]:
@@ -205,7 +206,7 @@ class LongFormRun:
         torch.manual_seed(req.seed)
         for w in self.windows:
             if w.index == 0:
-                plan = window_plan(pipe, req, inputs, w)
+                plan = self.output_plan = self.first_plan or window_plan(pipe, req, inputs, w)
                 ref_latents, ref_motion = inputs.ref_latents, ref_motion_norm
             else:
                 so_far_speech = torch.cat([first_prompt.prefix_speech_latents.cpu()] + speech)
@@ -224,7 +225,6 @@ class LongFormRun:
             else:  # identity from the reference clip, not from the tail
                 prompt = replace(prompt, speaker_emb=first_prompt.speaker_emb,
                                  first_motion_norm=first_prompt.first_motion_norm)
-            self.current_prompt = prompt
             self.prompts.append(prompt)
             given_s = None if inputs.given_speech is None else inputs.given_speech[w.given_start:w.given_end]
             given_m = None if given_motion is None else given_motion[w.given_start:w.given_end]
@@ -246,7 +246,7 @@ class LongFormRun:
             prefix_speech_latents=first_prompt.prefix_speech_latents.float(),
             prefix_motion_norm=first_prompt.prefix_motion_norm.float(),
             n_patches=len(stop_probs), stopped_by=self.reports[-1].stopped_by,
-            plan=window_plan(pipe, req, inputs, self.windows[0]), stop_probs=stop_probs)
+            plan=self.output_plan, stop_probs=stop_probs)
 
 
 def cap_warnings(reports: List[WindowReport]) -> List[str]:

@@ -389,6 +389,169 @@ def mux_audio(video_path, wav_path, out_path, atomic: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# incremental writers (streaming)
+
+_END = object()
+
+
+def _queue_iter(q):
+    while (item := q.get()) is not _END:
+        yield item
+
+
+class IncrementalVideo:
+    """write_video fed frame batches as they are rendered: add(frames) ... close() -> frames written.
+    The file is byte for byte what write_video writes for the same frames and audio (same encoder and mux)."""
+
+    def __init__(self, path, fps=FPS):
+        import queue
+        import threading
+
+        self.path, self.fps = Path(path), fps
+        self._video_only = self.path.with_name(self.path.name + ".video")
+        self._queue, self._result = queue.Queue(maxsize=8), {}
+        self._thread = threading.Thread(target=self._encode, daemon=True)
+        self._thread.start()
+
+    def _encode(self):
+        try:
+            self._result["n"] = _encode_h264(self._video_only, _queue_iter(self._queue), self.fps, self.path,
+                                             faststart=False)
+        except BaseException as e:  # noqa: BLE001 - re-raised in close()
+            self._result["error"] = e
+            while self._queue.get() is not _END:  # keep draining so that add() never blocks
+                pass
+
+    def add(self, frames) -> None:
+        if "error" not in self._result:
+            self._queue.put(frames)
+
+    def close(self, audio_path=None) -> int:
+        """Finish the video; with audio_path mux it in as write_video does (AAC padded/trimmed)."""
+        self._queue.put(_END)
+        self._thread.join()
+        try:
+            if "error" in self._result:
+                raise self._result["error"]
+            n = self._result["n"]
+            if audio_path is None:
+                self._video_only.replace(self.path)
+                return n
+            audio = _audio_info(audio_path)
+            _mux(self._video_only, audio_path, self.path, n / float(Fraction(_fps_arg(self.fps))),
+                 copy_video=True, audio_rate=audio["sample_rate"], path_for_errors=self.path)
+            return n
+        finally:
+            self._video_only.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._queue.put(_END)
+        self._thread.join()
+        self._video_only.unlink(missing_ok=True)
+
+
+class FragmentedMp4Writer:
+    """A fragmented mp4 (H.264 + AAC, movflags frag_keyframe+empty_moov) written while it is fed: valid
+    (playable up to its last complete fragment) at every fragment boundary. A keyframe, so a fragment, every
+    `gop` frames. `path` "-" writes to stdout. Feed add(frames=(n, H, W, 3) uint8, audio=(m,) float32 24 kHz);
+    close() waits for the encoder."""
+
+    def __init__(self, path, size, fps=FPS, sample_rate: int = 24000, gop: int = FPS, video: bool = True):
+        import threading
+
+        self.path = path
+        w, h = size
+        args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
+        read_audio, write_audio = os.pipe()
+        if video:
+            args += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", _fps_arg(fps),
+                     "-i", "pipe:0"]
+        args += ["-f", "f32le", "-ar", str(sample_rate), "-ac", "1", "-i", f"pipe:{read_audio}"]
+        if video:
+            args += ["-map", "0:v:0", "-map", "1:a:0", *_h264_args(), "-tune", "zerolatency", "-g", str(gop),
+                     "-keyint_min", str(gop), "-sc_threshold", "0"]
+        else:
+            args += ["-map", "0:a:0"]
+        args += ["-c:a", "aac", "-b:a", "128k", "-ar", "48000", "-movflags", "frag_keyframe+empty_moov+default_base_moof",
+                 "-f", "mp4", "pipe:1" if path == "-" else str(path)]
+        self._err = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE if video else subprocess.DEVNULL,
+                                      stdout=None if path == "-" else subprocess.DEVNULL, stderr=self._err,
+                                      pass_fds=(read_audio,))
+        os.close(read_audio)
+        self._audio = os.fdopen(write_audio, "wb")
+        self._queues = {}
+        self._threads = []
+        for name, stream in (("video", self._proc.stdin if video else None), ("audio", self._audio)):
+            if stream is None:
+                continue
+            import queue
+
+            q = queue.Queue()
+            t = threading.Thread(target=self._pump, args=(q, stream), daemon=True)
+            t.start()
+            self._queues[name], self._threads = q, self._threads + [t]
+
+    @staticmethod
+    def _pump(q, stream):
+        broken = False
+        for data in _queue_iter(q):
+            if not broken:
+                try:
+                    stream.write(data)
+                    stream.flush()
+                except (BrokenPipeError, ValueError):
+                    broken = True
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            stream.close()
+
+    def add(self, frames=None, audio=None) -> None:
+        if frames is not None and len(frames) and "video" in self._queues:
+            self._queues["video"].put(memoryview(np.ascontiguousarray(frames, dtype=np.uint8)).cast("B"))
+        if audio is not None and len(audio):
+            samples = np.ascontiguousarray(np.asarray(audio, dtype=np.float32))
+            self._queues["audio"].put(memoryview(samples).cast("B"))
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.put(_END)
+        for t in self._threads:
+            t.join()
+        rc = self._proc.wait()
+        self._err.seek(0)
+        err = self._err.read().decode("utf-8", errors="replace").strip()
+        self._err.close()
+        if rc != 0:
+            raise RuntimeError(f"{self.path}: ffmpeg failed to write the fragmented mp4 ({err or rc})")
+
+    def abort(self) -> None:
+        self._proc.kill()
+        for q in self._queues.values():
+            q.put(_END)
+        for t in self._threads:
+            t.join()
+        self._proc.wait()
+        self._err.close()
+
+
+def mp4_fragment_ends(path) -> list:
+    """Byte offsets at which a fragmented mp4 can be cut and still play: after the moov, after each moof+mdat."""
+    data = Path(path).read_bytes()
+    ends, pos = [], 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if size == 1:
+            size = int.from_bytes(data[pos + 8:pos + 16], "big")
+        if size < 8 or pos + size > len(data):
+            break
+        pos += size
+        if kind in (b"moov", b"mdat"):
+            ends.append(pos)
+    return ends
+
+
+# ---------------------------------------------------------------------------------------------
 # probing
 
 

@@ -279,3 +279,30 @@ def time_render(generator: Generator, n_frames: int = 2, batch_size: int = 1,
             "batch_size": batch_size, "dtype": str(dtype), "threads": torch.get_num_threads(),
             "channels_last_from": generator._lia_layout,
             "size": size, "pid": os.getpid()}
+
+
+class FrameRenderer:
+    """render_frames as motion arrives: the reference image is encoded once, then render(motion rows)
+    returns their frames (streaming)."""
+
+    @torch.no_grad()
+    def __init__(self, generator: Generator, ref_image_u8, dtype: torch.dtype = torch.float32,
+                 batch_size: Optional[int] = None):
+        prepare_generator(generator, default_channels_last_from(dtype))
+        self.generator, self.dtype = generator, dtype
+        self.identity = encode_identity(generator, ref_image_u8)
+        self.batch_size = batch_size or choose_batch_size(generator, self.identity.z_s2r.device, dtype)
+
+    @torch.no_grad()
+    def render(self, motion_raw) -> np.ndarray:
+        """(n, 40) raw motion -> (n, S, S, 3) uint8 frames."""
+        motion = _check_motion(self.generator, motion_raw)
+        size = self.generator.size
+        if motion.shape[0] == 0:
+            return np.zeros((0, size, size, 3), np.uint8)
+        directions = self.generator.dec.direction(motion.to(self.identity.z_s2r.device))
+        out = []
+        for start in range(0, directions.shape[0], self.batch_size):
+            z = self.identity.z_s2r + directions[start:start + self.batch_size]
+            out.append(to_uint8(self.generator.dec(z, None, self.identity.feats, dtype=self.dtype)))
+        return np.concatenate(out)

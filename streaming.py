@@ -1,0 +1,271 @@
+"""Streaming generation: audio and frames while the loop runs, then generate()'s result.
+
+    for item in pipe.stream(mode="t2av", text="...", every=2):
+        if isinstance(item, Chunk):      # new samples (24 kHz) and new frames, with their start times
+            play(item.audio_24k, item.audio_start_s, item.frames, item.frame_start)
+        else:
+            result = item                # the GenerationResult generate() returns (files written as generate)
+
+Audio: the speech latents (the replayed prefix first, then every patch) go through a
+whisperx_vae.StreamingDecoder: a frame's samples come out once `lookahead` frames follow it (16 = the
+decoder's receptive field: the streamed samples equal the one-shot decode within float32 rounding; fewer is
+earlier and approximate). Frames: each motion patch is rendered as it arrives (lia_x FrameRenderer).
+Long-form windows follow one another in one stream. `mp4`: a path (or "-" for stdout) where a fragmented
+mp4 grows as the chunks arrive (video_io.FragmentedMp4Writer); with `output` set the final files are
+those generate() writes (the mp4 encoded from the same frames) and the fragmented file is removed.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+import audio as audio_io
+import longform
+import video_io
+from atomic import atomic_outputs
+from constants import CODEC_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
+from motion_stats import denormalize_motion
+from pipeline import GenerationResult, _timed, output_paths, progress_reporter, resolve_request, save_latents
+from whisperx_vae import DECODER_CONTEXT_FRAMES, StreamingDecoder
+
+
+@dataclass
+class Chunk:
+    window: int  # 0-based long-form window (0 for a single run)
+    n_patches: int  # patches generated so far
+    audio_24k: torch.Tensor  # (m,) new output samples
+    audio_start: int  # index of their first sample in the output audio
+    frames: Optional[np.ndarray]  # (n, H, W, 3) uint8 new output frames (None: tts, v2a of a video)
+    frame_start: int  # index of their first frame in the output video
+
+    @property
+    def audio_start_s(self) -> float:
+        return self.audio_start / CODEC_SAMPLE_RATE
+
+    @property
+    def frame_times_s(self) -> np.ndarray:
+        n = 0 if self.frames is None else len(self.frames)
+        return (self.frame_start + np.arange(n)) / FPS
+
+
+class _Outputs:
+    """Where the new audio and frames go: the chunk being built, the fragmented mp4, the final video."""
+
+    def __init__(self, pipe, req, inputs, lookahead, render, final_video, fragments):
+        self.req, self.inputs = req, inputs
+        self.decoder = None if req.mode == "a2v" else StreamingDecoder(pipe.vae, lookahead)
+        self.skip_samples = 0  # trim_prefix: samples of the replayed prefix not in the output
+        self.renderer = None
+        if render and req.mode != "tts" and inputs.source_video is None:
+            from lia_x.render import FrameRenderer
+
+            self.renderer = FrameRenderer(pipe.generator, inputs.face, pipe.render_dtype, pipe.render_batch_size)
+        self.final_video, self.fragments = final_video, fragments
+        self.n_samples = self.n_frames = 0
+        self.all_frames = []
+        self.new_audio, self.new_frames = [], []
+
+    def speech(self, latents_td) -> None:
+        if self.decoder is not None:
+            self._audio(self.decoder.push(latents_td))
+
+    def driving_audio(self, n_frames: int) -> None:
+        """a2v: the input audio up to frame n_frames."""
+        end = min(n_frames * SAMPLES_PER_FRAME, self.inputs.driving_audio_24k.numel())
+        self._audio(self.inputs.driving_audio_24k[self.samples_so_far():end])
+
+    def samples_so_far(self) -> int:
+        return self.n_samples + sum(a.numel() for a in self.new_audio)
+
+    def frames_so_far(self) -> int:
+        return self.n_frames + sum(len(f) for f in self.new_frames)
+
+    def _audio(self, samples) -> None:
+        if self.skip_samples and self.n_samples == 0:
+            drop = min(self.skip_samples, samples.numel())
+            self.skip_samples -= drop
+            samples = samples[drop:]
+        if samples.numel():
+            self.new_audio.append(samples)
+
+    def motion(self, motion_raw_td) -> None:
+        if self.renderer is not None and motion_raw_td.shape[0]:
+            frames = self.renderer.render(motion_raw_td)
+            self.new_frames.append(frames)
+
+    def chunk(self, window: int, n_patches: int) -> Optional[Chunk]:
+        audio = torch.cat(self.new_audio) if self.new_audio else torch.zeros(0)
+        frames = np.concatenate(self.new_frames) if self.new_frames else None
+        self.new_audio, self.new_frames = [], []
+        if not audio.numel() and frames is None:
+            return None
+        c = Chunk(window, n_patches, audio, self.n_samples, frames, self.n_frames)
+        self.n_samples += audio.numel()
+        if frames is not None:
+            self.n_frames += len(frames)
+            if self.final_video is not None:
+                self.final_video.add(frames)
+        if self.fragments is not None:
+            self.fragments.add(frames, audio.numpy())
+        return c
+
+
+def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int = DECODER_CONTEXT_FRAMES,
+           render: bool = True, mp4: Union[str, os.PathLike, None] = None, **kwargs) -> Iterator:
+    """Chunks every `every` patches, then the GenerationResult (see the module docstring)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1 patch, got {every}")
+    req = resolve_request(request, **kwargs)
+    paths = output_paths(req.output, req.mode, req.save_latents) if req.output is not None else None
+    timings = {"load": pipe.load_seconds} if pipe.load_seconds else {}
+    pipe.load_seconds = 0.0
+    with _timed(timings, "inputs"):
+        inputs, plan, windows = pipe._inputs(req, progress)
+        single = windows is None
+        if single:
+            n_given = _given_frames(inputs)
+            windows = [longform.Window(0, req.text, 0, n_given)]
+    run = longform.LongFormRun(pipe, req, inputs, windows, first_plan=plan if single else None)
+    with atomic_outputs(*(paths.mp4, paths.wav, paths.latents) if paths else (None,)) as temps:
+        tmp_mp4, tmp_wav, tmp_latents = temps if paths else (None, None, None)
+        final_video = None
+        if tmp_mp4 is not None and inputs.source_video is None and render:
+            final_video = video_io.IncrementalVideo(tmp_mp4, FPS)
+        fragments = None
+        if mp4 is not None:
+            size = (inputs.face.shape[1], inputs.face.shape[0]) if inputs.face is not None else (0, 0)
+            if render and inputs.face is not None:
+                size = (pipe.generator.size, pipe.generator.size)
+            fragments = video_io.FragmentedMp4Writer(mp4, size, FPS, CODEC_SAMPLE_RATE,
+                                                     video=render and req.mode != "tts" and inputs.source_video is None)
+        outs = _Outputs(pipe, req, inputs, lookahead, render, final_video, fragments)
+        try:
+            yield from _run(pipe, req, inputs, run, outs, every, timings, progress)
+            out = run.output
+            result = pipe._finish(req, inputs, run.output_plan, out, [] if single else run.reports, paths,
+                                  timings, False, write=False)
+            yield from _tail(outs, result, len(windows) - 1, out.n_patches)
+            if fragments is not None:
+                fragments.close()
+                fragments = None
+            if paths is not None:
+                with _timed(timings, "render"):
+                    _write(pipe, result, inputs, tmp_mp4, tmp_wav, tmp_latents, final_video, render, progress)
+                    final_video = None
+                result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
+        finally:
+            if final_video is not None:
+                final_video.abort()
+            if fragments is not None:
+                fragments.abort()
+    if paths is not None and mp4 not in (None, "-") and Path(mp4).resolve() != Path(paths.mp4 or "").resolve():
+        Path(mp4).unlink(missing_ok=True)  # the final file replaces the growing one
+    yield result
+
+
+def _given_frames(inputs) -> int:
+    if inputs.given_speech is not None:
+        return inputs.given_speech.shape[0]
+    return 0 if inputs.given_motion_raw is None else inputs.given_motion_raw.shape[0]
+
+
+def _run(pipe, req, inputs, run, outs, every, timings, progress):
+    """The loop, feeding the decoder and the renderer; a chunk every `every` patches."""
+    n_prefix_motion = 0
+    n_speech_limit = inputs.given_motion_raw.shape[0] if req.mode == "v2a" else None
+    n_speech = n_patches = 0
+    started = False
+    t_gen = _timed(timings, "generate")
+    t_gen.__enter__()
+    bars, current = ExitStack(), None
+    try:
+        for w, plan, patch in run:
+            if w is not current:
+                bars.close()
+                current = w
+                update = bars.enter_context(progress_reporter(
+                    progress, f"{req.mode} window {w.index + 1}/{len(run.windows)} patches", plan.max_steps, "patch"))
+            update(patch.index + 1)
+            if not started:  # the replayed prefix (t2av/tts) opens the output
+                started = True
+                prompt = run.prompts[0]
+                if req.mode in ("t2av", "tts"):
+                    outs.speech(prompt.prefix_speech_latents.float().cpu())
+                    n_speech = prompt.prefix_speech_latents.shape[0]
+                    n_prefix_motion = prompt.prefix_motion_norm.shape[0]
+                    if req.trim_prefix:
+                        outs.skip_samples = n_prefix_motion * SAMPLES_PER_FRAME
+                    if req.mode == "t2av" and not req.trim_prefix:
+                        outs.motion(inputs.ref_motion_raw[:n_prefix_motion])
+            n_patches += 1
+            speech = patch.speech_latents.float().cpu()
+            if req.mode == "a2v":
+                n_speech = min(n_speech + speech.shape[0], inputs.given_speech.shape[0])
+                outs.driving_audio(n_speech)
+            else:
+                if n_speech_limit is not None:
+                    speech = speech[:max(0, n_speech_limit - n_speech)]
+                n_speech += speech.shape[0]
+                outs.speech(speech)
+            if patch.motion_norm is not None and req.mode in ("t2av", "a2v"):
+                outs.motion(_motion_rows(req, inputs, denormalize_motion(patch.motion_norm.float().cpu()), outs,
+                                         n_speech, n_prefix_motion))
+            if n_patches % every == 0:
+                t_gen.__exit__(None, None, None)
+                c = outs.chunk(w.index, n_patches)
+                if c is not None:
+                    yield c
+                t_gen = _timed(timings, "generate")
+                t_gen.__enter__()
+    finally:
+        bars.close()
+        t_gen.__exit__(None, None, None)
+    if req.mode == "v2a" and outs.renderer is not None:
+        outs.motion(inputs.given_motion_raw)
+
+
+def _motion_rows(req, inputs, motion_raw, outs, n_speech, n_prefix):
+    """Rows of a motion patch that the output keeps: never beyond the speech (the output's length)."""
+    rendered = outs.frames_so_far()
+    offset = n_prefix if req.trim_prefix else 0
+    n_out_speech = n_speech - offset if req.mode != "a2v" else n_speech
+    return motion_raw[:max(0, n_out_speech - rendered)]
+
+
+def _tail(outs, result, window, n_patches):
+    """The rest: the decoder's last look-ahead frames, and the frames held past the motion's end."""
+    if outs.decoder is not None:
+        outs._audio(outs.decoder.finish())
+    elif result.mode == "a2v":
+        outs._audio(result.audio_24k[outs.samples_so_far():])
+    if outs.renderer is not None and result.motion_raw is not None:
+        rendered = outs.frames_so_far()
+        outs.motion(result.motion_raw[rendered:])
+    c = outs.chunk(window, n_patches)
+    if c is not None:
+        yield c
+
+
+def _write(pipe, result: GenerationResult, inputs, tmp_mp4, tmp_wav, tmp_latents, final_video, render, progress):
+    """The files generate() writes; the mp4 from the frames already encoded while streaming."""
+    audio_io.save_wav(tmp_wav, result.audio_24k, CODEC_SAMPLE_RATE, atomic=False)
+    if tmp_latents is not None:
+        save_latents(result, tmp_latents)
+    if tmp_mp4 is None:
+        return
+    if inputs.source_video is not None:
+        video_io.mux_audio(inputs.source_video, tmp_wav, tmp_mp4, atomic=False)
+    elif final_video is not None:
+        final_video.close(tmp_wav)
+    else:  # render=False: the frames are rendered now, as generate() does
+        from lia_x import render as liax_render
+
+        frames = liax_render.render_frames(pipe.generator, inputs.face, result.motion_raw.numpy(),
+                                           batch_size=pipe.render_batch_size, dtype=pipe.render_dtype)
+        video_io.write_video(tmp_mp4, frames, fps=FPS, audio_path=tmp_wav, atomic=False)
