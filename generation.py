@@ -97,7 +97,7 @@ def plan_lengths(task: str, *, ref_speech_frames: int, ref_motion_frames: int = 
         return LengthPlan(task, **plan, max_steps=math.ceil(max_seconds * FPS / PS), rule="max_seconds")
     if text_seconds is not None:
         seconds = min(MAX_SECONDS, TEXT_CAP_FACTOR * text_seconds + TEXT_CAP_PAD_SECONDS)
-        return LengthPlan(task, **plan, max_steps=math.ceil(seconds * FPS / PS), rule="text")
+        return LengthPlan(task, **plan, max_steps=max(1, int(seconds * FPS / PS)), rule="text")  # floored: <= 30 s
     return LengthPlan(task, **plan, max_steps=released, rule="released")
 
 

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     weights_group.add_argument("--licences", action="store_true",
                                help="print the licence of each weight file and exit")
     devices_group.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = ap.add_argument_group("streaming")
+    g.add_argument("--stream", nargs="?", const="", default=None, metavar="PATH",
+                   help="write a fragmented mp4 (H.264/AAC) that grows while generating, playable at every "
+                        "fragment: at PATH (default <output>.partial.mp4, removed once the output is final), "
+                        "or '-' for stdout (then every message goes to stderr)")
+    g.add_argument("--stream-every", type=int, default=1, metavar="N",
+                   help="with --stream: patches (160 ms each) per chunk")
     return ap
 
 
@@ -288,7 +295,7 @@ def run(args) -> int:
         pipe = load_pipeline(args, {job.request.mode for job in runnable})
     for job in runnable:
         try:
-            result = pipe.generate(job.request, progress=not args.quiet)
+            result = _generate(pipe, job.request, args)
         except (ValueError, OSError) as e:
             if not args.batch_file:
                 raise
@@ -307,8 +314,40 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def stream_path(args, request) -> Optional[str]:
+    """Where --stream writes: '-' (stdout), the given path, or <output>.partial.mp4."""
+    if args.stream is None:
+        return None
+    if args.stream:
+        return args.stream
+    return os.path.splitext(request.output or CLI_DEFAULTS["output"])[0] + ".partial.mp4"
+
+
+def _generate(pipe, request, args):
+    """generate(), or with --stream the same result through pipe.stream writing the fragmented mp4."""
+    if args.stream is None:
+        return pipe.generate(request, progress=not args.quiet)
+    result = None
+    for item in pipe.stream(request, every=args.stream_every, progress=not args.quiet,
+                            mp4=stream_path(args, request)):
+        result = item
+    return result
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stream_every < 1:
+        _report("error", f"--stream-every must be >= 1, got {args.stream_every}")
+        return 1
+    if args.stream == "-":  # stdout carries the mp4: every message goes to stderr
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):
+            return _main(args)
+    return _main(args)
+
+
+def _main(args) -> int:
     t0 = time.perf_counter()
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -159,6 +159,13 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
                     _write(pipe, result, inputs, tmp_mp4, tmp_wav, tmp_latents, final_video, render, progress)
                     final_video = None
                 result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
+        except BaseException:
+            if mp4 not in (None, "-"):  # nothing half-written is left behind
+                if fragments is not None:
+                    fragments.abort()
+                    fragments = None
+                Path(mp4).unlink(missing_ok=True)
+            raise
         finally:
             if final_video is not None:
                 final_video.abort()
