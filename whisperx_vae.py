@@ -502,7 +502,7 @@ def save_checkpoint(model: WhisperXVAE, path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 # The decoder's receptive field, measured (tests/test_streaming.py): perturbing latent frame i changes
-# output samples of frames i-15 .. i+16 only; decoding frames [a, b) from latents [a-16, b+16) is equal to
+# the samples of 32 consecutive output frames within i-16 .. i+16 only; decoding frames [a, b) from latents [a-16, b+16) is equal to
 # the one-shot decode within float32 rounding. Same strides as the release ([4, 6, 5, 4, 2], kernels 7).
 DECODER_CONTEXT_FRAMES = 16
 SAMPLES_PER_LATENT = 960
