@@ -6,6 +6,7 @@ LLM is reported per patch).
     python bench.py                          # every stage except the full-size LIA-X render
     python bench.py --stages liax            # LIA-X at 512x512 (about 6 min on 2 CPU cores)
     python bench.py --device cuda --stages llm vae spk liax
+    python bench.py --stages stream          # pipe.stream: first audio chunk / frame, real-time factor
 
 Each stage runs in a fresh process, so "peak RSS" is that stage's own high-water mark (it includes
 the ~0.4 GB of the imported libraries); on CUDA the peak allocated GPU memory is reported too.
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ("llm_tiny", "llm", "vae", "spk", "liax", "train_tiny", "train")
+STAGES = ("llm_tiny", "llm", "vae", "spk", "liax", "train_tiny", "train", "stream")
 DEFAULT_STAGES = ("llm_tiny", "llm", "vae", "spk", "train_tiny", "train")
 
 
@@ -196,6 +197,89 @@ def stage_train(device, args):
                  note=f"encoders {t_online - t_cached:.2f} s")]
 
 
+def _stream_rows(pipe, label, request, every, render):
+    """Time to the first audio chunk / first frame and the stream's real-time factor (audio s / wall s)."""
+    import time as _time
+
+    from streaming import Chunk
+    t0 = _time.perf_counter()
+    first_audio = first_frame = None
+    n_samples = 0
+    for item in pipe.stream(request, every=every, render=render):
+        if not isinstance(item, Chunk):
+            break
+        now = _time.perf_counter() - t0
+        if first_audio is None and item.audio_24k.numel():
+            first_audio = now
+        if first_frame is None and item.frames is not None:
+            first_frame = now
+        n_samples += item.audio_24k.numel()
+    wall = _time.perf_counter() - t0
+    what = f"stream every {every} patch{'es' if every > 1 else ''}, {n_samples / 24000:.1f} s audio"
+    rows = [dict(stage=label, what=what + ": first audio chunk", value=f"{first_audio:.2f} s",
+                 note="after the request starts (inputs included)"),
+            dict(stage=label, what=what + (": real-time factor" if render else ": real-time factor, AR + decode"),
+                 value=f"{n_samples / 24000 / wall:.2f}x real time", note=f"wall {wall:.1f} s")]
+    if first_frame is not None:
+        rows.insert(1, dict(stage=label, what=what + ": first video frame", value=f"{first_frame:.2f} s", note=""))
+    return rows
+
+
+def _never_stop(llm):
+    import torch
+    with torch.no_grad():
+        llm.head_stop.proj.weight.zero_()
+        llm.head_stop.proj.bias.fill_(1.0)
+        llm.head_stop.head.weight.fill_(-1.0)
+
+
+def stage_stream(device, args):
+    """pipe.stream on the tiny demo models, then at the released sizes (random weights) on `device`: the
+    full-size LIA-X renders ~19 s/frame in float32 on 2 CPU cores, so the full-size rows stream without
+    rendering (time to first audio, AR + decode real-time factor) and time the first frame's render alone
+    (identity encode + 1 frame, bfloat16 on CPU)."""
+    import torch
+    from pipeline import TalkerPipeline, demo_tokenizer
+    from request import GenerationRequest
+    rows = []
+    tiny = TalkerPipeline.demo(device=device)
+    _never_stop(tiny.llm)
+    text = "Welcome to Talker. From a single sentence, it creates the speech and the talking face together."
+    for every in (1, 4):
+        rows += _stream_rows(tiny, "stream (tiny)", GenerationRequest(text=text, max_seconds=4.0), every, True)
+
+    import speaker_verification
+    from lia_x import RELEASE_CONFIG, Generator
+    from lia_x.render import FrameRenderer
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    from whisperx_vae import WhisperXVAE, assumed_release_cfg
+    torch.manual_seed(0)
+    llm = SpeechLLM(released_model_args(), qwen3_0_6b_config())
+    if device.type == "cuda":
+        llm.llm.to(torch.bfloat16)
+    _never_stop(llm)
+    vae = WhisperXVAE(assumed_release_cfg())
+    spk = speaker_verification.init_model("wavlm_large")
+    render_dtype = torch.bfloat16 if device.type == "cpu" else torch.float32
+    gen = Generator(**RELEASE_CONFIG).eval().requires_grad_(False)
+    pipe = TalkerPipeline(llm.to(device).eval(), demo_tokenizer(), vae.to(device).eval(), spk.to(device).eval(),
+                          gen.to(device), device=device, render_dtype=render_dtype)
+    request = GenerationRequest(text=text, max_seconds=float(args.stream_seconds))
+    for every in (1, 4):
+        rows += _stream_rows(pipe, "stream (full)", request, every, render=False)
+    import video_io
+    from pipeline import DEFAULT_REF_VIDEO
+    face = video_io.read_first_frame(DEFAULT_REF_VIDEO)
+    t0 = time.perf_counter()
+    renderer = FrameRenderer(gen, face, render_dtype, batch_size=1)
+    t_identity = time.perf_counter() - t0
+    _, t_frame = _timed(lambda: renderer.render(torch.zeros(1, 40)), device)
+    rows.append(dict(stage="stream (full)", what=f"first frame's render ({str(render_dtype)[6:]})",
+                     value=f"{t_identity + t_frame:.1f} s", note=f"identity encode {t_identity:.1f} s + 1 frame "
+                     f"{t_frame:.1f} s; add it to the first audio chunk's time"))
+    return rows
+
+
 def run_stage(name, device_name, args):
     import torch
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -225,6 +309,7 @@ def main():
     ap.add_argument("--liax-frames", type=int, default=2, help="frames timed per LIA-X setting")
     ap.add_argument("--liax-batch", type=int, default=2, help="batch size of the batched LIA-X runs")
     ap.add_argument("--train-steps", type=int, default=20, help="optimizer steps timed per tiny training run")
+    ap.add_argument("--stream-seconds", type=float, default=3.0, help="audio generated by the full-size stream rows")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._stage:
