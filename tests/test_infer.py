@@ -209,7 +209,11 @@ def _cli_bad_cases(tmp):
     for name, kwargs, needle in bad_cases(tmp):
         argv = []
         for key, value in kwargs.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+            flag = key.replace('_', '-')
+            if isinstance(value, bool):  # auto switches: --flag / --no-flag
+                argv.append(f"--{flag}" if value else f"--no-{flag}")
+            else:
+                argv += [f"--{flag}", str(value)]
         cases.append((name, argv, cli_needle(needle)))
     return cases
 
