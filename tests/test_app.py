@@ -328,10 +328,10 @@ def test_api_generates_an_mp4_and_keeps_the_cli_limits(client, tmp_path):
 
     from gradio_client.exceptions import AppError
 
-    long_voice = tmp_path / "long.wav"
-    sf.write(long_voice, [0.1, -0.1] * 4 * 31 * 1000, 8000)  # 31 s, 0.5 MB
-    with pytest.raises(AppError, match=r"^long\.wav: reference audio is 31\.0 s long; at most 30 s is supported"):
-        client.predict(text="Too long a voice.", ref_audio=handle_file(long_voice), api_name="/tts")
+    short_voice = tmp_path / "short.wav"  # (a voice over 30 s is no longer refused: its first 30 s are used)
+    sf.write(short_voice, [0.1, -0.1] * 200, 8000)  # 50 ms
+    with pytest.raises(AppError, match=r"^short\.wav: reference audio is 50 ms long; at least 100 ms is needed"):
+        client.predict(text="Too short a voice.", ref_audio=handle_file(short_voice), api_name="/tts")
     big = tmp_path / "big.wav"
     sf.write(big, [0.1, -0.1] * 12000 * 25, 24000)  # 25 s, 1.2 MB: over this server's --max-upload-mb 1
     with pytest.raises(Exception, match="exceeds the maximum file size"):
