@@ -438,6 +438,6 @@ def test_output_problems_are_found_before_the_models_load(tmp_path, capsys, monk
     tone(tmp_path / "long.wav", 31)
     for argv, needle in ((["--ref-audio", str(tmp_path / "file")], "not a readable audio file"),
                          (["--ref-video", str(tmp_path / "long.wav")], "no video stream"),
-                         (["--mode", "a2v", "--audio", str(tmp_path / "long.wav")], "at most 30 s")):
+                         (["--mode", "a2v", "--audio", str(tmp_path / "long.wav"), "--no-long-form"], "at most 30 s")):
         assert infer.main(["--demo", "--output", str(tmp_path / "o.mp4"), *argv]) == 1
         assert needle in capsys.readouterr().err
