@@ -538,9 +538,8 @@ class TalkerPipeline:
 
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype in (torch.bfloat16, torch.float16) and device.type != "cuda":
-            raise RequestError("dtype", f"{str(dtype).replace('torch.', '')}: reduced-precision backbone needs CUDA "
-                                        "(on CPU the model runs in float32)")
+        if dtype == torch.float16 and device.type != "cuda":
+            raise RequestError("dtype", "float16: half precision needs CUDA (on CPU use float32 or bfloat16)")
         extra = {k: v for k, v in (("wavlm_repo", wavlm_repo), ("wavlm_filename", wavlm_filename)) if v}
         paths = weights.locate(checkpoint_dir, whisperx_vae_ckpt, liax_ckpt, wavlm_ckpt, **extra)
         needs = tuple(needs or weights.COMPONENTS)
@@ -549,6 +548,8 @@ class TalkerPipeline:
         paths.require(needs)
 
         llm = SpeechLLM.from_pretrained(paths.checkpoint_dir, device=device, llm_dtype=dtype)
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            llm.to(torch.bfloat16)  # opt-in: backbone and heads compute in bf16 on CPU too (speech_llm.amp)
         tokenizer = tokenizer_for(paths.checkpoint_dir, llm_name, llm.model_args.model_max_length)
         vae = whisperx_vae.load_whisperx_vae(paths.whisperx_vae, device=device)
         spk = speaker_verification.init_model("wavlm_large", paths.wavlm, wavlm_checkpoint=wavlm_backbone_ckpt)
@@ -559,7 +560,7 @@ class TalkerPipeline:
 
     @classmethod
     def demo(cls, device="cpu", seed: int = 0, render_dtype=torch.float32, render_batch_size=None,
-             checkpoint_dir=None) -> "TalkerPipeline":
+             checkpoint_dir=None, dtype=None) -> "TalkerPipeline":
         """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
         checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
         in place of the random one (with its tokenizer when the folder has one)."""
@@ -580,6 +581,8 @@ class TalkerPipeline:
             llm = SpeechLLM.from_pretrained(checkpoint_dir)
             if (Path(checkpoint_dir) / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(checkpoint_dir, llm.model_args.model_max_length)
+        if dtype == torch.bfloat16:
+            llm.to(torch.bfloat16)
         spk = speaker_verification.tiny_speaker_encoder(seed + 2)
         gen = lia_x.tiny_generator(seed + 3)
         if render_dtype != torch.float32:
