@@ -519,6 +519,7 @@ class TalkerPipeline:
         self.render_batch_size = render_batch_size
         self.is_demo = is_demo
         self.load_seconds = 0.0
+        self._encodings = {}  # (kind, content digest, ...) -> encoder outputs, reused within this pipeline's run
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -619,18 +620,26 @@ class TalkerPipeline:
         as the reference's get_speech_embeddings / get_speaker_embeddings compute them."""
         from speech_llm import encode_speaker, encode_speech_latents
 
-        n = ref.speech_len
-        latents = encode_speech_latents(self.vae, ref.audio_24k[None, None].to(self.device), ref.mel.to(self.device), n)
-        speaker = encode_speaker(self.speaker_encoder, ref.audio_16k_pad[None].to(self.device), n)
-        return latents[0].float(), speaker.float()
+        key = ("audio", _digest(ref.audio_24k, ref.audio_16k))
+        if key not in self._encodings:  # a batch with one voice runs the Whisper encoder and WavLM once
+            n = ref.speech_len
+            latents = encode_speech_latents(self.vae, ref.audio_24k[None, None].to(self.device),
+                                            ref.mel.to(self.device), n)
+            speaker = encode_speaker(self.speaker_encoder, ref.audio_16k_pad[None].to(self.device), n)
+            self._encodings[key] = (latents[0].float(), speaker.float())
+        latents, speaker = self._encodings[key]
+        return latents.clone(), speaker.clone()
 
     @torch.no_grad()
     def extract_motion(self, frames_u8, progress: Progress = True, stage="motion") -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 40) raw LIA-X motion (the LIA-X encoder on every frame)."""
         from lia_x import render as liax_render
 
-        with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
-            return liax_render.extract_motion(self.generator, frames_u8, progress=update)
+        key = ("motion", _digest(torch.from_numpy(np.ascontiguousarray(frames_u8))))
+        if key not in self._encodings:
+            with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
+                self._encodings[key] = liax_render.extract_motion(self.generator, frames_u8, progress=update)
+        return self._encodings[key].clone()
 
     @staticmethod
     def video_motion_frames(video) -> int:
@@ -743,6 +752,18 @@ class TalkerPipeline:
                                                        progress=update)
                     video_io.write_video(tmp_mp4, frames, fps=FPS, audio_path=tmp_wav, atomic=False)
         result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """Content hash of tensors (shape, dtype and bytes): the key of a cached encoding."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_latents(result: GenerationResult, path) -> None:
