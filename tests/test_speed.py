@@ -134,3 +134,48 @@ def test_tts_never_loads_the_renderer(one_thread, tmp_path):
     result = pipe.generate(mode="tts", text="No face needed.", seed=0, cfm_steps=2, max_seconds=0.32,
                            output=str(tmp_path / "a.wav"), progress=False)
     assert result.wav_path and (tmp_path / "a.wav").is_file() and pipe._generator is None
+
+
+def _tiny_items(model, specs):
+    """BatchItems and their lone-run equivalents: (text length, ref speech frames, ref motion frames, seed,
+    max_seconds) per request, random ids and references."""
+    from batching import BatchItem
+    from generation import Sampling
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for n_text, n_speech, n_motion, seed, max_seconds in specs:
+        task = "t2av" if n_motion else "tts"
+        ids = torch.randint(0, 500, (1, n_text + 40), generator=g)
+        speech = torch.randn(n_speech, 32, generator=g)
+        motion = torch.randn(n_motion, 40, generator=g) if n_motion else None
+        speaker = torch.randn(1, 256, generator=g)
+        plan = plan_lengths(task, ref_speech_frames=n_speech, ref_motion_frames=n_motion, delay=model.delay,
+                            max_seconds=max_seconds)
+        prompt = build_prompt(model, ids, n_text, speech, speaker, plan, motion)
+        items.append(BatchItem(prompt, plan, Sampling(cfm_steps=4, stop_min_patches=3), seed))
+    return items
+
+
+@pytest.mark.parametrize("task", ["t2av", "tts"])
+def test_batched_requests_equal_lone_runs(one_thread, task):
+    """Different prompt lengths, prefixes, seeds and length caps in one batch: every request gets the patches,
+    stop decision and length of its lone run (per-request generators), and rows leave as they stop."""
+    from batching import run_batched
+    from generation import PatchStream, collect
+    torch.manual_seed(0)
+    model = SpeechLLM(*tiny_model_args_and_config()).eval()
+    m = 1 if task == "t2av" else 0
+    specs = [(9, 30, 40 * m, 1, None), (23, 50, 28 * m, 2, 0.64), (4, 18, 60 * m, 3, None), (15, 40, 12 * m, 4, 1.0)]
+    items = _tiny_items(model, specs)
+    batched = run_batched(model, items)
+    for item, got in zip(items, batched):
+        torch.manual_seed(item.seed)
+        want = collect(PatchStream(model, item.prompt, item.plan, item.sampling))
+        assert (got.n_patches, got.stopped_by) == (want.n_patches, want.stopped_by)
+        assert got.speech_latents.shape == want.speech_latents.shape
+        assert got.motion_norm.shape == want.motion_norm.shape
+        torch.testing.assert_close(got.speech_latents, want.speech_latents, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.motion_norm, want.motion_norm, rtol=1e-4, atol=1e-5)
+        assert [p is None for p in got.stop_probs] == [p is None for p in want.stop_probs]
+    assert len({o.n_patches for o in batched}) > 1  # rows left the batch at different steps
+    assert {o.stopped_by for o in batched} == {"length_cap", "stop_head"}
