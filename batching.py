@@ -193,3 +193,67 @@ def _output(model, r: _Row) -> GenerationOutput:
         prefix_speech_latents=p.prefix_speech_latents.float(), prefix_motion_norm=p.prefix_motion_norm.float(),
         n_patches=r.n_patches, stopped_by=r.stopped_by, plan=r.item.plan, stop_probs=r.stop_probs)
 
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+def generate_batch(pipe, requests, batch_size: int = 4, progress=False) -> list:
+    """TalkerPipeline.generate for each request, with the loops of up to `batch_size` compatible requests
+    (t2av / tts with equal batch_key) run together. Mirrors TalkerPipeline.generate step by step (prepare ->
+    plan -> prompt, loop, assemble -> write); teacher-forced modes (a2v, v2a) run alone. Returns results in
+    request order; a request that fails raises (use TalkerPipeline.generate per request for per-line errors)."""
+    import pipeline as P
+    from generation import Sampling
+    from motion_stats import normalize_motion
+    from prompt import build_prompt, text_prompt
+
+    jobs = []
+    for request in requests:
+        req = P.resolve_request(request)
+        if req.mode not in ("t2av", "tts"):
+            jobs.append((req, None))
+            continue
+        prepare, _ = P.MODES[req.mode]
+        inputs = prepare(pipe, req, progress)
+        plan = pipe.plan(req, inputs)
+        if req.mode != "tts" and inputs.ref_motion_raw is None:
+            inputs.ref_motion_raw = P.at_least_one_patch(pipe.reference_motion(
+                req.ref_video, max(1, plan.prefix_frames), progress, req.face_crop))
+        ids, start = text_prompt(pipe.tokenizer, req.text, plan.n_placeholders,
+                                 int(pipe.llm.model_args.model_max_length), pipe.patch_size)
+        ref_motion = None if inputs.ref_motion_raw is None else normalize_motion(inputs.ref_motion_raw)
+        prompt = build_prompt(pipe.llm, ids, start, inputs.ref_latents, inputs.speaker, plan, ref_motion)
+        item = BatchItem(prompt, plan, Sampling(req.cfm_steps, req.cfm_temperature, req.cfm_cfg), req.seed)
+        jobs.append((req, (inputs, item)))
+    outs = {}
+    groups = {}
+    for n, (_, job) in enumerate(jobs):
+        if job is not None:
+            groups.setdefault(batch_key(job[1]), []).append(n)
+    for members in groups.values():
+        for lo in range(0, len(members), max(1, batch_size)):
+            chunk = members[lo:lo + batch_size]
+            for n, out in zip(chunk, run_batched(pipe.llm, [jobs[n][1][1] for n in chunk])):
+                outs[n] = out
+    return [pipe.generate(req, progress=progress) if job is None else _finish(pipe, req, job[0], outs[n], progress)
+            for n, (req, job) in enumerate(jobs)]
+
+
+def _finish(pipe, req, inputs, out, progress):
+    """The part of TalkerPipeline.generate after the loop: assemble, check, result, write."""
+    import pipeline as P
+
+    _, assemble = P.MODES[req.mode]
+    assembled = assemble(pipe, inputs, out)
+    if req.trim_prefix and assembled.prefix_frames:
+        assembled = P._trim_prefix(assembled)
+    P._check_finite(assembled)
+    result = P.GenerationResult(
+        mode=req.mode, text=req.text, seed=req.seed, audio_24k=assembled.audio_24k,
+        speech_latents=assembled.speech_latents, motion_raw=assembled.motion_raw,
+        generated_motion_norm=None if req.mode == "tts" else out.motion_norm.float().cpu(),
+        n_patches=out.n_patches, stopped_by=out.stopped_by, prefix_frames=assembled.prefix_frames, plan=out.plan,
+        warnings=list(inputs.warnings))
+    if req.output is not None:
+        pipe._write(result, P.output_paths(req.output, req.mode, req.save_latents), inputs, progress)
+    return result

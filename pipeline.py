@@ -713,6 +713,13 @@ class TalkerPipeline:
                 self._write(result, paths, inputs, progress)
         return result
 
+    def generate_batch(self, requests, batch_size: int = 4, progress: Progress = False) -> list:
+        """generate() for each request, the loops of up to batch_size t2av/tts requests run together
+        (batching.generate_batch: same samples as one by one, up to float rounding)."""
+        import batching
+
+        return batching.generate_batch(self, requests, batch_size, progress)
+
     def plan(self, req: GenerationRequest, inputs: ModeInputs) -> LengthPlan:
         """The length plan of a request (generation.plan_lengths with the request's lengths)."""
         return plan_lengths(

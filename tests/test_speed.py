@@ -179,3 +179,28 @@ def test_batched_requests_equal_lone_runs(one_thread, task):
         assert [p is None for p in got.stop_probs] == [p is None for p in want.stop_probs]
     assert len({o.n_patches for o in batched}) > 1  # rows left the batch at different steps
     assert {o.stopped_by for o in batched} == {"length_cap", "stop_head"}
+
+
+def test_generate_batch_equals_generate(one_thread, tmp_path):
+    """A batch of requests (two voices' worth of t2av and tts, an a2v that runs alone) gives each request
+    the result of its own generate() call, and writes its files."""
+    from pipeline import TalkerPipeline
+    from request import GenerationRequest
+    pipe = TalkerPipeline.demo()
+    kw = dict(cfm_steps=2)
+    reqs = [GenerationRequest(mode="t2av", text="First of the batch.", seed=1, max_seconds=0.64, **kw),
+            GenerationRequest(mode="t2av", text="Second one, longer text here.", seed=2, max_seconds=0.32, **kw),
+            GenerationRequest(mode="tts", text="A tts line.", seed=3, max_seconds=0.48,
+                              output=str(tmp_path / "t.wav"), **kw),
+            GenerationRequest(mode="t2av", text="Third.", seed=4, **kw),
+            GenerationRequest(mode="a2v", seed=5, **kw)]
+    batched = pipe.generate_batch(reqs, batch_size=2)
+    assert (tmp_path / "t.wav").is_file()
+    for req, got in zip(reqs, batched):
+        req.output = None
+        want = pipe.generate(req, progress=False)
+        assert (got.mode, got.n_patches, got.stopped_by, got.prefix_frames) == (
+            want.mode, want.n_patches, want.stopped_by, want.prefix_frames)
+        torch.testing.assert_close(got.audio_24k, want.audio_24k, rtol=1e-4, atol=1e-5)
+        if want.motion_raw is not None:
+            torch.testing.assert_close(got.motion_raw, want.motion_raw, rtol=1e-4, atol=1e-5)
