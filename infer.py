@@ -55,6 +55,9 @@ def _add_request_options(ap: argparse.ArgumentParser) -> None:
             group.add_argument("--batch-file", default=None, help=(
                 "jsonl, one request per line with keys among: " + ", ".join(REQUEST_FLAGS) + "; missing keys "
                 "take the command-line values. Under torchrun each rank takes lines i with i %% WORLD_SIZE == RANK"))
+            group.add_argument("--batch-size", type=int, default=1, help=(
+                "with --batch-file: run the generation loops of up to N t2av/tts lines together (same samples "
+                "as one by one; more patches per second on CPU and GPU)"))
 
 
 def add_model_options(ap: argparse.ArgumentParser):
@@ -264,6 +267,24 @@ def _report(kind: str, text: str) -> None:
     print(f"{PROG}: {kind}: {text}", file=sys.stderr, flush=True)
 
 
+def _batched_results(pipe, runnable, batch_size: int) -> dict:
+    """{id(job): result} of the lines run in batches of batch_size; a batch that fails is left to the
+    one-by-one path, which reports each line's own error."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size == 1:
+        return {}
+    results = {}
+    for lo in range(0, len(runnable), batch_size):
+        chunk = runnable[lo:lo + batch_size]
+        try:
+            for job, result in zip(chunk, pipe.generate_batch([j.request for j in chunk], batch_size)):
+                results[id(job)] = result
+        except (ValueError, OSError):
+            pass
+    return results
+
+
 def run(args) -> int:
     import weights
 
@@ -284,9 +305,10 @@ def run(args) -> int:
     runnable = [job for job in todo if job.request is not None]
     if runnable:
         pipe = load_pipeline(args, {job.request.mode for job in runnable})
+        batched = _batched_results(pipe, runnable, args.batch_size) if args.batch_file else {}
     for job in runnable:
         try:
-            result = pipe.generate(job.request, progress=not args.quiet)
+            result = batched.pop(id(job), None) or pipe.generate(job.request, progress=not args.quiet)
         except (ValueError, OSError) as e:
             if not args.batch_file:
                 raise
