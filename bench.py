@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ("llm_tiny", "llm", "roofline", "vae", "spk", "liax", "train_tiny", "train", "t2av_rss")
+STAGES = ("llm_tiny", "llm", "roofline", "batch", "vae", "spk", "liax", "train_tiny", "train", "t2av_rss")
 DEFAULT_STAGES = ("llm_tiny", "llm", "roofline", "vae", "spk", "train_tiny", "train")
 
 
@@ -221,6 +221,68 @@ def stage_roofline(device, args):
     return rows
 
 
+def stage_batch(device, args):
+    """Throughput of batched requests (batching.run_batched) at full size: N requests of different prompt
+    lengths, never stopping, `--llm-seconds` each (default 0.96 s = 6 patches)."""
+    import torch
+    from batching import BatchItem, run_batched
+    from generation import Sampling, plan_lengths
+    from prompt import build_prompt
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    torch.manual_seed(0)
+    model = SpeechLLM(released_model_args(), qwen3_0_6b_config()).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def item(k):
+        ids = torch.randint(0, model.llm.config.vocab_size - 1, (1, 40 + 3 * k), generator=g)
+        speech, motion, spk = torch.randn(125, 32, generator=g), torch.randn(124, 40, generator=g), torch.randn(1, 256)
+        plan = plan_lengths("t2av", ref_speech_frames=125, ref_motion_frames=124, delay=model.delay,
+                            max_seconds=args.llm_seconds or 0.96)
+        return BatchItem(build_prompt(model, ids, 30 + 3 * k, speech, spk, plan, motion), plan,
+                         Sampling(stop_min_patches=10**6), k)
+
+    run_batched(model, [item(0)])  # warm-up
+    rows, base = [], None
+    for n in args.batch_sizes:
+        items = [item(k) for k in range(n)]
+        outs, seconds = _timed(lambda: run_batched(model, items), device)
+        rate = sum(o.n_patches for o in outs) / seconds
+        base = base or rate
+        rows.append(dict(stage="batch (full)", what=f"{n} t2av requests together, {outs[0].n_patches} patches each",
+                         value=f"{rate:.2f} patches/s", note=f"{rate / base:.2f}x batch 1; {rate * 0.16:.2f}x real time",
+                         patches_per_s=rate, batch_size=n))
+    return rows
+
+
+def stage_t2av_rss(device, args):
+    """End-to-end peak RSS of one t2av request at full size (random weights of the released shapes: SpeechLLM,
+    WhisperX-VAE, WavLM-Large + ECAPA, LIA-X 512), kept short: `--llm-seconds` of speech (default 0.16 s =
+    1 patch) with the prefix trimmed, a 0.16 s prefix, and the renderer in bf16, so only a few frames render."""
+    import tempfile
+
+    import torch
+    import lia_x
+    import speaker_verification
+    from lia_x import RELEASE_CONFIG, Generator
+    from pipeline import TalkerPipeline, demo_tokenizer
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    from whisperx_vae import WhisperXVAE, assumed_release_cfg
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    llm = SpeechLLM(released_model_args(), qwen3_0_6b_config()).eval()
+    gen = lia_x.cast_conv_weights(Generator(**RELEASE_CONFIG).eval().requires_grad_(False), torch.bfloat16)
+    pipe = TalkerPipeline(llm, demo_tokenizer(1000), WhisperXVAE(assumed_release_cfg()).eval(),
+                          speaker_verification.init_model("wavlm_large").eval(), gen, device=device,
+                          render_dtype=torch.bfloat16, render_batch_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = pipe.generate(mode="t2av", text="Memory check.", max_seconds=args.llm_seconds or 0.16,
+                          gt_prefix_seconds=0.16, trim_prefix=True, output=os.path.join(tmp, "o.mp4"), progress=False)
+    seconds = time.perf_counter() - t0
+    return [dict(stage="t2av (full)", what=f"one request end to end: build + encode + {r.n_patches} patches + "
+                                            f"decode + {r.n_frames} frames rendered (bf16)",
+                 value=f"{seconds:.0f} s", note="random weights at release shapes; peak RSS in the memory column")]
+
+
 def stage_vae(device, args):
     import torch
     from whisperx_vae import WhisperXVAE, assumed_release_cfg
@@ -382,6 +444,7 @@ def main():
                     help="seconds generated per timed AR loop (default: the released length cap, ~7 s)")
     ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
                     help="dtypes of the roofline stage")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="batch stage sizes")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
