@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ("llm_tiny", "llm", "roofline", "batch", "vae", "spk", "liax", "train_tiny", "train", "t2av_rss")
+STAGES = ("llm_tiny", "llm", "roofline", "batch_tiny", "batch", "vae", "spk", "liax", "train_tiny", "train", "t2av_rss")
 DEFAULT_STAGES = ("llm_tiny", "llm", "roofline", "vae", "spk", "train_tiny", "train")
 
 
@@ -225,17 +225,31 @@ def stage_batch(device, args):
     """Throughput of batched requests (batching.run_batched) at full size: N requests of different prompt
     lengths, never stopping, `--llm-seconds` each (default 0.96 s = 6 patches)."""
     import torch
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    torch.manual_seed(0)
+    return _batch_rows(SpeechLLM(released_model_args(), qwen3_0_6b_config()).to(device).eval(), device, args,
+                       "batch (full)")
+
+
+def stage_batch_tiny(device, args):
+    import torch
+    from speech_llm import SpeechLLM, tiny_model_args_and_config
+    torch.manual_seed(0)
+    return _batch_rows(SpeechLLM(*tiny_model_args_and_config()).to(device).eval(), device, args, "batch (tiny)")
+
+
+def _batch_rows(model, device, args, label):
+    import torch
     from batching import BatchItem, run_batched
     from generation import Sampling, plan_lengths
     from prompt import build_prompt
-    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
-    torch.manual_seed(0)
-    model = SpeechLLM(released_model_args(), qwen3_0_6b_config()).to(device).eval()
     g = torch.Generator().manual_seed(0)
+    sdim, mdim = model.model_args.speech_embedding_dim, model.model_args.motion_embedding_dim
 
     def item(k):
         ids = torch.randint(0, model.llm.config.vocab_size - 1, (1, 40 + 3 * k), generator=g)
-        speech, motion, spk = torch.randn(125, 32, generator=g), torch.randn(124, 40, generator=g), torch.randn(1, 256)
+        speech, motion = torch.randn(125, sdim, generator=g), torch.randn(124, mdim, generator=g)
+        spk = torch.randn(1, model.model_args.speaker_embedding_dim, generator=g)
         plan = plan_lengths("t2av", ref_speech_frames=125, ref_motion_frames=124, delay=model.delay,
                             max_seconds=args.llm_seconds or 0.96)
         return BatchItem(build_prompt(model, ids, 30 + 3 * k, speech, spk, plan, motion), plan,
@@ -248,7 +262,7 @@ def stage_batch(device, args):
         outs, seconds = _timed(lambda: run_batched(model, items), device)
         rate = sum(o.n_patches for o in outs) / seconds
         base = base or rate
-        rows.append(dict(stage="batch (full)", what=f"{n} t2av requests together, {outs[0].n_patches} patches each",
+        rows.append(dict(stage=label, what=f"{n} t2av requests together, {outs[0].n_patches} patches each",
                          value=f"{rate:.2f} patches/s", note=f"{rate / base:.2f}x batch 1; {rate * 0.16:.2f}x real time",
                          patches_per_s=rate, batch_size=n))
     return rows
