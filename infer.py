@@ -254,7 +254,7 @@ def load_pipeline(args, modes):
             print(RANDOM_WEIGHTS_BANNER, flush=True)
         return TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
                                    render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir,
-                                   dtype=_dtype(args.dtype))
+                                   **({"dtype": _dtype(args.dtype)} if _dtype(args.dtype) else {}))
     needs = sorted({c for m in modes for c in weights.needed_for(m)}, key=weights.COMPONENTS.index)
     return TalkerPipeline.from_pretrained(
         args.checkpoint_dir, args.whisperx_vae_ckpt, args.liax_ckpt, args.wavlm_ckpt,
