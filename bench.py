@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 
-STAGES = ("llm_tiny", "llm", "vae", "spk", "liax", "train_tiny", "train", "stream")
-DEFAULT_STAGES = ("llm_tiny", "llm", "vae", "spk", "train_tiny", "train")
+STAGES = ("llm_tiny", "llm", "roofline", "batch_tiny", "batch", "vae", "spk", "liax", "train_tiny", "train",
+          "t2av_rss", "stream")
+DEFAULT_STAGES = ("llm_tiny", "llm", "roofline", "vae", "spk", "train_tiny", "train")
 
 
 def _sync(device):
@@ -37,7 +38,7 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def _llm_rows(model, device, label):
+def _llm_rows(model, device, label, max_seconds=None):
     import torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.llm.config.vocab_size - 1, (1, 40), generator=g).to(device)
@@ -47,7 +48,8 @@ def _llm_rows(model, device, label):
     from generation import Sampling
     torch.manual_seed(0)
     never_stop = Sampling(stop_min_patches=10**6)
-    run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop)  # noqa: E731
+    run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop,  # noqa: E731
+                                 max_seconds=max_seconds)
     model.generate(ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
     out, seconds = _timed(run, device)
     return [dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop)",
@@ -74,7 +76,227 @@ def stage_llm(device, args):
     n = sum(p.numel() for p in model.parameters())
     rows = [dict(stage="llm (full)", what=f"build, {n / 1e6:.0f} M params (random init)",
                  value=f"{seconds:.1f} s", note="")]
-    return rows + _llm_rows(model, device, "llm (full)")
+    return rows + _llm_rows(model, device, "llm (full)", args.llm_seconds)
+
+
+# ------------------------------------------------------------------------------------------ roofline
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+PROBE_POOL_BYTES = 256 << 20  # the probe streams this much fp32 weight per pass: the model's heads do not fit in cache
+
+
+def gemm_peak(m, k, n, dtype, device, repeats=3):
+    """GFLOP/s of y = x W^T, x (m, k), W (n, k), on this machine at this dtype, cycling through enough distinct
+    weights that they stream from memory as the model's weights do (a cached weight overstates small m)."""
+    import torch
+    n_weights = max(2, PROBE_POOL_BYTES // (n * k * 4))
+    ws = [torch.randn(n, k, device=device).to(dtype) for _ in range(n_weights)]
+    x = torch.randn(m, k, device=device).to(dtype)
+    for w in ws[:2]:
+        torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n * n_weights / best / 1e9
+
+
+def _flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _best_time(fn, device, repeats):
+    fn()
+    return min(_timed(fn, device)[1] for _ in range(repeats))
+
+
+def _roof_row(stage, what, seconds, flops, peak, shape):
+    floor = flops / (peak * 1e9)
+    return dict(stage=stage, what=what, value=f"{seconds * 1000:.1f} ms",
+                note=f"{flops / 1e9:.2f} GFLOP, {flops / seconds / 1e9:.0f} GFLOP/s; peak {peak:.0f} GFLOP/s at "
+                     f"{shape} -> {100 * floor / seconds:.0f} % of floor ({floor * 1000:.1f} ms)",
+                ms=seconds * 1000, gflop=flops / 1e9, gflops=flops / seconds / 1e9, peak_gflops=peak,
+                floor_ms=floor * 1000, pct_of_floor=100 * floor / seconds)
+
+
+def roofline_rows(model, device, dtype, repeats=3, n_cache=120):
+    """Per patch: one backbone step, each head's Euler step (CFG pair in one batch) and its 10-step patch, and
+    the whole loop per patch; each next to the GEMM peak of its dominant shape at this dtype."""
+    import torch
+    from generation import Sampling
+    from transformers.cache_utils import DynamicCache
+    name = str(dtype).replace("torch.", "")
+    label = f"roofline {name}"
+    width = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        cache = DynamicCache(config=model.llm.config)
+        model.backbone(torch.randn(1, n_cache, width, generator=g).to(device, model.backbone_dtype), cache)
+        token = torch.randn(1, 1, width, generator=g).to(device, model.backbone_dtype)
+        step = lambda: model.backbone(token, cache)  # noqa: E731 - the cache grows by one per call, as in the loop
+        inter = model.config.intermediate_size
+        peak = gemm_peak(1, width, inter, model.backbone_dtype, device)
+        rows.append(_roof_row(label, f"backbone step (1 token, ~{n_cache} cached)", _best_time(step, device, repeats),
+                              _flops(step), peak, f"1x{width}x{inter}"))
+        h = torch.randn(1, width, generator=g).to(device)
+        pt = model.patch_size
+        heads = (("speech", model.speech_cfm, model.model_args.speaker_embedding_dim),
+                 ("motion", model.motion_cfm, model.model_args.motion_embedding_dim))
+        for head, cfm, gdim in heads:
+            est = cfm.estimator
+            c, hd = cfm.in_channels, est.config.hidden_size
+            n_rows = 2 * (2 + pt * (model.context_patches + 1))  # CFG pair x (mu, global, context, frames)
+            hdt = model.head_dtype
+            x = torch.randn(2, c, pt, generator=g).to(device, hdt)
+            cond = torch.randn(2, c, model.context_patches * pt, generator=g).to(device, hdt)
+            gc = torch.randn(2, gdim, generator=g).to(device, hdt)
+            t = torch.full((2,), 0.5, device=device, dtype=hdt)
+            mu = h.expand(2, -1).to(hdt)
+            euler = lambda: est(x, mu, t, cond, gc, torch.zeros_like(t))  # noqa: E731
+            mlp = int(8 * hd / 3)
+            peak = gemm_peak(n_rows, hd, mlp, hdt, device)
+            rows.append(_roof_row(label, f"{head} head, one Euler step (CFG pair batched)",
+                                  _best_time(euler, device, repeats), _flops(euler), peak, f"{n_rows}x{hd}x{mlp}"))
+            s = Sampling()
+            patch = lambda: model.sample_patch(cfm, h, cond[:1].float(), gc[:1].float(), s.cfm_steps,  # noqa: E731
+                                               s.cfm_temperature, s.cfm_cfg)
+            rows.append(_roof_row(label, f"{head} head, one patch ({s.cfm_steps} Euler steps)",
+                                  _best_time(patch, device, repeats), _flops(patch), peak, f"{n_rows}x{hd}x{mlp}"))
+    return rows
+
+
+def _loop_row(model, device, label, rows, args):
+    """The whole loop per patch, with its floor = the sum of its parts' floors."""
+    loop = _llm_rows(model, device, label, args.llm_seconds)[0]
+    seconds = float(loop["value"].split()[0]) / 1000
+    per_patch = [r for r in rows if "patch (" in r["what"] or "backbone" in r["what"]]
+    floor_ms = sum(r["floor_ms"] for r in per_patch)
+    gflop = sum(r["gflop"] for r in per_patch)
+    loop.update(note=loop["note"] + f"; {gflop:.1f} GFLOP/patch, floor {floor_ms:.0f} ms/patch -> "
+                                    f"{100 * floor_ms / 1000 / seconds:.0f} % of floor",
+                ms=seconds * 1000, gflop=gflop, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / 1000 / seconds)
+    return loop
+
+
+def liax_flop_rows(device, dtype):
+    """FLOPs of one rendered 512x512 frame (decoder only; the identity is encoded once) counted on meta tensors,
+    and the floor that means at this machine's large-GEMM peak."""
+    import torch
+    from lia_x import RELEASE_CONFIG, Generator
+    with torch.device("meta"):
+        gen = Generator(**RELEASE_CONFIG).eval()
+        size = gen.size
+        z, feats = gen.enc.enc_2r(torch.zeros(1, 3, size, size))
+        flops = _flops(lambda: gen.dec(z, None, feats))
+        enc_flops = _flops(lambda: gen.enc.enc_2r(torch.zeros(1, 3, size, size)))
+    peak = gemm_peak(1024, 1024, 1024, dtype, device)
+    floor = flops / (peak * 1e9)
+    name = str(dtype).replace("torch.", "")
+    return [dict(stage=f"roofline {name}", what=f"LIA-X render, one {size}x{size} frame (decoder)",
+                 value=f"{flops / 1e9:.0f} GFLOP",
+                 note=f"floor {floor:.2f} s/frame at {peak:.0f} GFLOP/s (1024^3 GEMM); encoder pass "
+                      f"{enc_flops / 1e9:.0f} GFLOP (once per face, and per frame of extracted motion)",
+                 gflop=flops / 1e9, peak_gflops=peak, floor_ms=floor * 1000)]
+
+
+def stage_roofline(device, args):
+    import torch
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    torch.manual_seed(0)
+    base = SpeechLLM(released_model_args(), qwen3_0_6b_config()).eval()
+    rows = []
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        model = base.to(device=device, dtype=dtype)
+        parts = roofline_rows(model, device, dtype)
+        rows += parts + [_loop_row(model, device, f"roofline {name}", parts, args)]
+        rows += liax_flop_rows(device, dtype)
+    return rows
+
+
+def stage_batch(device, args):
+    """Throughput of batched requests (batching.run_batched) at full size: N requests of different prompt
+    lengths, never stopping, `--llm-seconds` each (default 0.96 s = 6 patches)."""
+    import torch
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    torch.manual_seed(0)
+    return _batch_rows(SpeechLLM(released_model_args(), qwen3_0_6b_config()).to(device).eval(), device, args,
+                       "batch (full)")
+
+
+def stage_batch_tiny(device, args):
+    import torch
+    from speech_llm import SpeechLLM, tiny_model_args_and_config
+    torch.manual_seed(0)
+    return _batch_rows(SpeechLLM(*tiny_model_args_and_config()).to(device).eval(), device, args, "batch (tiny)")
+
+
+def _batch_rows(model, device, args, label):
+    import torch
+    from batching import BatchItem, run_batched
+    from generation import Sampling, plan_lengths
+    from prompt import build_prompt
+    g = torch.Generator().manual_seed(0)
+    sdim, mdim = model.model_args.speech_embedding_dim, model.model_args.motion_embedding_dim
+
+    def item(k):
+        ids = torch.randint(0, model.llm.config.vocab_size - 1, (1, 40 + 3 * k), generator=g)
+        speech, motion = torch.randn(125, sdim, generator=g), torch.randn(124, mdim, generator=g)
+        spk = torch.randn(1, model.model_args.speaker_embedding_dim, generator=g)
+        plan = plan_lengths("t2av", ref_speech_frames=125, ref_motion_frames=124, delay=model.delay,
+                            max_seconds=args.llm_seconds or 0.96)
+        return BatchItem(build_prompt(model, ids, 30 + 3 * k, speech, spk, plan, motion), plan,
+                         Sampling(stop_min_patches=10**6), k)
+
+    run_batched(model, [item(0)])  # warm-up
+    rows, base = [], None
+    for n in args.batch_sizes:
+        items = [item(k) for k in range(n)]
+        outs, seconds = _timed(lambda: run_batched(model, items), device)
+        rate = sum(o.n_patches for o in outs) / seconds
+        base = base or rate
+        rows.append(dict(stage=label, what=f"{n} t2av requests together, {outs[0].n_patches} patches each",
+                         value=f"{rate:.2f} patches/s", note=f"{rate / base:.2f}x batch 1; {rate * 0.16:.2f}x real time",
+                         patches_per_s=rate, batch_size=n))
+    return rows
+
+
+def stage_t2av_rss(device, args):
+    """End-to-end peak RSS of one t2av request at full size (random weights of the released shapes: SpeechLLM,
+    WhisperX-VAE, WavLM-Large + ECAPA, LIA-X 512), kept short: `--llm-seconds` of speech (default 0.16 s =
+    1 patch) with the prefix trimmed, a 0.16 s prefix, and the renderer in bf16, so only a few frames render."""
+    import tempfile
+
+    import torch
+    import lia_x
+    import speaker_verification
+    from lia_x import RELEASE_CONFIG, Generator
+    from pipeline import TalkerPipeline, demo_tokenizer
+    from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
+    from whisperx_vae import WhisperXVAE, assumed_release_cfg
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    llm = SpeechLLM(released_model_args(), qwen3_0_6b_config()).eval()
+    gen = lia_x.cast_conv_weights(Generator(**RELEASE_CONFIG).eval().requires_grad_(False), torch.bfloat16)
+    pipe = TalkerPipeline(llm, demo_tokenizer(1000), WhisperXVAE(assumed_release_cfg()).eval(),
+                          speaker_verification.init_model("wavlm_large").eval(), gen, device=device,
+                          render_dtype=torch.bfloat16, render_batch_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = pipe.generate(mode="t2av", text="Memory check.", max_seconds=args.llm_seconds or 0.16,
+                          gt_prefix_seconds=0.16, trim_prefix=True, output=os.path.join(tmp, "o.mp4"), progress=False)
+    seconds = time.perf_counter() - t0
+    return [dict(stage="t2av (full)", what=f"one request end to end: build + encode + {r.n_patches} patches + "
+                                            f"decode + {r.n_frames} frames rendered (bf16)",
+                 value=f"{seconds:.0f} s", note="random weights at release shapes; peak RSS in the memory column")]
 
 
 def stage_vae(device, args):
@@ -298,6 +520,14 @@ def run_stage(name, device_name, args):
     print("BENCH_JSON " + json.dumps(rows))
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return "cpu model unknown"
+
+
 def print_table(rows):
     cols = ("stage", "what", "value", "note", "memory")
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
@@ -316,14 +546,22 @@ def main():
     ap.add_argument("--liax-batch", type=int, default=2, help="batch size of the batched LIA-X runs")
     ap.add_argument("--train-steps", type=int, default=20, help="optimizer steps timed per tiny training run")
     ap.add_argument("--stream-seconds", type=float, default=3.0, help="audio generated by the full-size stream rows")
+    ap.add_argument("--llm-seconds", type=float, default=None,
+                    help="seconds generated per timed AR loop (default: the released length cap, ~7 s)")
+    ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
+                    help="dtypes of the roofline stage")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="batch stage sizes")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._stage:
         return run_stage(args._stage, args.device, args)
 
     import torch
-    print(f"torch {torch.__version__}, device {args.device}, "
-          f"threads {args.threads or torch.get_num_threads()}, cpus {os.cpu_count()}")
+    machine = (f"torch {torch.__version__}, device {args.device}, threads {args.threads or torch.get_num_threads()}, "
+               f"cpus {os.cpu_count()}, {_cpu_model()}")
+    if not args.json:
+        print(machine)
     rows = []
     for name in args.stages:
         cmd = [sys.executable, os.path.abspath(__file__), "--_stage", name] + sys.argv[1:]
@@ -334,7 +572,10 @@ def main():
             rows.append(dict(stage=name, what="FAILED", value="", note=err[:120], memory=""))
         else:
             rows += json.loads(lines[-1][len("BENCH_JSON "):])
-    print_table(rows)
+    if args.json:
+        print(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    else:
+        print_table(rows)
 
 
 if __name__ == "__main__":

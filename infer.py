@@ -59,6 +59,9 @@ def _add_request_options(ap: argparse.ArgumentParser) -> None:
             group.add_argument("--batch-file", default=None, help=(
                 "jsonl, one request per line with keys among: " + ", ".join(REQUEST_FLAGS) + "; missing keys "
                 "take the command-line values. Under torchrun each rank takes lines i with i %% WORLD_SIZE == RANK"))
+            group.add_argument("--batch-size", type=int, default=1, help=(
+                "with --batch-file: run the generation loops of up to N t2av/tts lines together (same samples "
+                "as one by one; more patches per second on CPU and GPU)"))
 
 
 def add_model_options(ap: argparse.ArgumentParser):
@@ -89,7 +92,8 @@ def add_model_options(ap: argparse.ArgumentParser):
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under "
                                                   "torchrun cuda:LOCAL_RANK)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="backbone dtype (auto: bfloat16 on CUDA as the reference, float32 on CPU)")
+                   help="backbone dtype (auto: bfloat16 on CUDA as the reference, float32 on CPU; bfloat16 on CPU: "
+                        "backbone and heads in bf16, ~2x faster, small error)")
     g.add_argument("--render-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="LIA-X decoder convolution dtype (bfloat16: ~2x faster on CPU, small error)")
     g.add_argument("--render-batch-size", type=int, default=None,
@@ -260,7 +264,8 @@ def load_pipeline(args, modes):
         if rank == 0:
             print(RANDOM_WEIGHTS_BANNER, flush=True)
         return TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
-                                   render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir)
+                                   render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir,
+                                   **({"dtype": _dtype(args.dtype)} if _dtype(args.dtype) else {}))
     needs = sorted({c for m in modes for c in weights.needed_for(m)}, key=weights.COMPONENTS.index)
     return TalkerPipeline.from_pretrained(
         args.checkpoint_dir, args.whisperx_vae_ckpt, args.liax_ckpt, args.wavlm_ckpt,
@@ -271,6 +276,24 @@ def load_pipeline(args, modes):
 
 def _report(kind: str, text: str) -> None:
     print(f"{PROG}: {kind}: {text}", file=sys.stderr, flush=True)
+
+
+def _batched_results(pipe, runnable, batch_size: int) -> dict:
+    """{id(job): result} of the lines run in batches of batch_size; a batch that fails is left to the
+    one-by-one path, which reports each line's own error."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size == 1:
+        return {}
+    results = {}
+    for lo in range(0, len(runnable), batch_size):
+        chunk = runnable[lo:lo + batch_size]
+        try:
+            for job, result in zip(chunk, pipe.generate_batch([j.request for j in chunk], batch_size)):
+                results[id(job)] = result
+        except (ValueError, OSError):
+            pass
+    return results
 
 
 def run(args) -> int:
@@ -293,9 +316,11 @@ def run(args) -> int:
     runnable = [job for job in todo if job.request is not None]
     if runnable:
         pipe = load_pipeline(args, {job.request.mode for job in runnable})
+        batching = args.batch_file and args.stream is None  # a streamed line runs alone
+        batched = _batched_results(pipe, runnable, args.batch_size) if batching else {}
     for job in runnable:
         try:
-            result = _generate(pipe, job.request, args)
+            result = batched.pop(id(job), None) or _generate(pipe, job.request, args)
         except (ValueError, OSError) as e:
             if not args.batch_file:
                 raise

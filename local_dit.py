@@ -57,14 +57,21 @@ class VoxCPMLocDiT(nn.Module):
     def forward(self, x, mu, t, cond, global_cond, dt):
         """x (N, C, T) noisy frames, mu (N, H) backbone state, t (N,), cond (N, C, T') context frames,
         global_cond (N, G), dt (N,) -> velocity (N, C, T)."""
-        x_ntd = self.in_proj(x.transpose(1, 2))
+        context = self.context(cond, global_cond, dt)
+        return self.velocity(x, mu, t, context)
+
+    def context(self, cond, global_cond, dt):
+        """What does not change over a sampler's Euler steps: the projected condition rows and the
+        delta-time embedding. (cond (N, C, T'), global_cond (N, G), dt (N,)) -> tuple for velocity()."""
         cond_ntd = self.cond_proj(cond.transpose(1, 2))
         global_n1d = self.global_cond_proj(global_cond.unsqueeze(1))
-        n_prefix = cond_ntd.size(1)
+        dt_emb = self.delta_time_mlp(self.time_embeddings(dt).to(cond_ntd.dtype))
+        return global_n1d, cond_ntd, dt_emb
 
-        temb = self.time_mlp(self.time_embeddings(t).to(x_ntd.dtype))
-        temb = temb + self.delta_time_mlp(self.time_embeddings(dt).to(x_ntd.dtype))
-
+    def velocity(self, x, mu, t, context):
+        global_n1d, cond_ntd, dt_emb = context
+        x_ntd = self.in_proj(x.transpose(1, 2))
+        temb = self.time_mlp(self.time_embeddings(t).to(x_ntd.dtype)) + dt_emb
         seq = torch.cat([(mu + temb).unsqueeze(1), global_n1d, cond_ntd, x_ntd], dim=1)
-        hidden = self.decoder(seq)[:, n_prefix + 2:]
+        hidden = self.decoder(seq)[:, cond_ntd.size(1) + 2:]
         return self.out_proj(hidden).transpose(1, 2).contiguous()

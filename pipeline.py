@@ -541,6 +541,7 @@ class TalkerPipeline:
         self.render_batch_size = render_batch_size
         self.is_demo = is_demo
         self.load_seconds = 0.0
+        self._encodings = {}  # (kind, content digest, ...) -> encoder outputs, reused within this pipeline's run
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -560,9 +561,8 @@ class TalkerPipeline:
 
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype in (torch.bfloat16, torch.float16) and device.type != "cuda":
-            raise RequestError("dtype", f"{str(dtype).replace('torch.', '')}: reduced-precision backbone needs CUDA "
-                                        "(on CPU the model runs in float32)")
+        if dtype == torch.float16 and device.type != "cuda":
+            raise RequestError("dtype", "float16: half precision needs CUDA (on CPU use float32 or bfloat16)")
         extra = {k: v for k, v in (("wavlm_repo", wavlm_repo), ("wavlm_filename", wavlm_filename)) if v}
         paths = weights.locate(checkpoint_dir, whisperx_vae_ckpt, liax_ckpt, wavlm_ckpt, **extra)
         needs = tuple(needs or weights.COMPONENTS)
@@ -571,6 +571,8 @@ class TalkerPipeline:
         paths.require(needs)
 
         llm = SpeechLLM.from_pretrained(paths.checkpoint_dir, device=device, llm_dtype=dtype)
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            llm.to(torch.bfloat16)  # opt-in: backbone and heads compute in bf16 on CPU too (speech_llm.amp)
         tokenizer = tokenizer_for(paths.checkpoint_dir, llm_name, llm.model_args.model_max_length)
         vae = whisperx_vae.load_whisperx_vae(paths.whisperx_vae, device=device)
         spk = speaker_verification.init_model("wavlm_large", paths.wavlm, wavlm_checkpoint=wavlm_backbone_ckpt)
@@ -581,7 +583,7 @@ class TalkerPipeline:
 
     @classmethod
     def demo(cls, device="cpu", seed: int = 0, render_dtype=torch.float32, render_batch_size=None,
-             checkpoint_dir=None) -> "TalkerPipeline":
+             checkpoint_dir=None, dtype=None) -> "TalkerPipeline":
         """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
         checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
         in place of the random one (with its tokenizer when the folder has one)."""
@@ -602,6 +604,8 @@ class TalkerPipeline:
             llm = SpeechLLM.from_pretrained(checkpoint_dir)
             if (Path(checkpoint_dir) / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(checkpoint_dir, llm.model_args.model_max_length)
+        if dtype == torch.bfloat16:
+            llm.to(torch.bfloat16)
         spk = speaker_verification.tiny_speaker_encoder(seed + 2)
         gen = lia_x.tiny_generator(seed + 3)
         if render_dtype != torch.float32:
@@ -638,18 +642,26 @@ class TalkerPipeline:
         as the reference's get_speech_embeddings / get_speaker_embeddings compute them."""
         from speech_llm import encode_speaker, encode_speech_latents
 
-        n = ref.speech_len
-        latents = encode_speech_latents(self.vae, ref.audio_24k[None, None].to(self.device), ref.mel.to(self.device), n)
-        speaker = encode_speaker(self.speaker_encoder, ref.audio_16k_pad[None].to(self.device), n)
-        return latents[0].float(), speaker.float()
+        key = ("audio", _digest(ref.audio_24k, ref.audio_16k))
+        if key not in self._encodings:  # a batch with one voice runs the Whisper encoder and WavLM once
+            n = ref.speech_len
+            latents = encode_speech_latents(self.vae, ref.audio_24k[None, None].to(self.device),
+                                            ref.mel.to(self.device), n)
+            speaker = encode_speaker(self.speaker_encoder, ref.audio_16k_pad[None].to(self.device), n)
+            self._encodings[key] = (latents[0].float(), speaker.float())
+        latents, speaker = self._encodings[key]
+        return latents.clone(), speaker.clone()
 
     @torch.no_grad()
     def extract_motion(self, frames_u8, progress: Progress = True, stage="motion") -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 40) raw LIA-X motion (the LIA-X encoder on every frame)."""
         from lia_x import render as liax_render
 
-        with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
-            return liax_render.extract_motion(self.generator, frames_u8, progress=update)
+        key = ("motion", _digest(torch.from_numpy(np.ascontiguousarray(frames_u8))))
+        if key not in self._encodings:
+            with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
+                self._encodings[key] = liax_render.extract_motion(self.generator, frames_u8, progress=update)
+        return self._encodings[key].clone()
 
     @staticmethod
     def video_motion_frames(video) -> int:
@@ -755,6 +767,13 @@ class TalkerPipeline:
         return streaming.stream(self, request, every=every, progress=progress, lookahead=lookahead,
                                 render=render, mp4=mp4, **kwargs)
 
+    def generate_batch(self, requests, batch_size: int = 4, progress: Progress = False) -> list:
+        """generate() for each request, the loops of up to batch_size t2av/tts requests run together
+        (batching.generate_batch: same samples as one by one, up to float rounding)."""
+        import batching
+
+        return batching.generate_batch(self, requests, batch_size, progress)
+
     def plan(self, req: GenerationRequest, inputs: ModeInputs) -> LengthPlan:
         """The length plan of a request (generation.plan_lengths with the request's lengths)."""
         return plan_lengths(
@@ -794,6 +813,18 @@ class TalkerPipeline:
                                                        progress=update)
                     video_io.write_video(tmp_mp4, frames, fps=FPS, audio_path=tmp_wav, atomic=False)
         result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """Content hash of tensors (shape, dtype and bytes): the key of a cached encoding."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_latents(result: GenerationResult, path) -> None:

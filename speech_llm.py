@@ -246,17 +246,27 @@ class SpeechLLM(nn.Module):
     def device(self) -> torch.device:
         return self.motion_pad_emb.device
 
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.llm.model.norm.weight.dtype
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return self.speech_cfm.estimator.in_proj.weight.dtype
+
     def amp(self):
-        """The backbone side runs under bf16 autocast on CUDA (as the reference); no-op on CPU."""
+        """The backbone side runs under bf16 autocast on CUDA (as the reference). On CPU: float32, or bf16
+        autocast over bf16 weights when the model was cast to bf16 (opt-in; inputs stay float32)."""
         if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return _cpu_autocast(self.backbone_dtype)
 
     def _fp32(self):
-        """The CFM heads always run in float32."""
+        """The CFM heads run in float32 on CUDA (as the reference); on CPU in their weights' dtype (the Euler
+        state and the noise stay float32)."""
         if self.device.type == "cuda":
             return torch.autocast(device_type="cuda", enabled=False)
-        return nullcontext()
+        return _cpu_autocast(self.head_dtype)
 
     def patch_tokens(self, speech_proj_td, n_patches: int, motion_proj_td=None):
         """n_patches backbone tokens (1, n, D) from projected frames: speech frames from frame 0, motion
@@ -658,6 +668,13 @@ class SpeechLLM(nn.Module):
 
 def _loaded_tensor(t: torch.Tensor, float_dtype: torch.dtype, device) -> torch.Tensor:
     return t.to(device=device, dtype=float_dtype if t.is_floating_point() else t.dtype)
+
+
+def _cpu_autocast(dtype: torch.dtype):
+    """bf16 autocast on CPU for bf16 weights (mixed float32 inputs are cast per op); nothing for float32."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def check_frames(name, x, dim, allow_empty=False):

@@ -64,16 +64,17 @@ class UnifiedCFM(nn.Module):
         n_steps = len(t_span) - 1
         zero_init_steps = max(1, int(len(t_span) * ZERO_INIT_FRACTION))
         b = x.size(0)
+        # one batched estimator call per step: conditional rows first, unconditional (mu = 0) rows second;
+        # the condition rows and the delta-time embedding (mean-flow models only; 0 here) are the same at
+        # every step, so they are projected once
+        mu_both = torch.cat([mu, torch.zeros_like(mu)])
+        context = self.estimator.context(torch.cat([cond, cond]), torch.cat([global_cond, global_cond]),
+                                         torch.zeros(2 * b, device=x.device, dtype=t.dtype))
         for step in range(1, n_steps + 1):
             if use_cfg_zero_star and step <= zero_init_steps:
                 velocity = torch.zeros_like(x)
             else:
-                # one batched estimator call: conditional rows first, unconditional (mu = 0) rows second
-                t_in = t.reshape(1).expand(2 * b)
-                dt_in = torch.zeros_like(t_in)  # the DiT's delta-time input (mean-flow models only)
-                v_both = self.estimator(
-                    torch.cat([x, x]), torch.cat([mu, torch.zeros_like(mu)]), t_in,
-                    torch.cat([cond, cond]), torch.cat([global_cond, global_cond]), dt_in)
+                v_both = self.estimator.velocity(torch.cat([x, x]), mu_both, t.reshape(1).expand(2 * b), context)
                 v_cond, v_uncond = v_both[:b], v_both[b:]
                 if use_cfg_zero_star:
                     scale = self.optimized_scale(v_cond.reshape(b, -1), v_uncond.reshape(b, -1))

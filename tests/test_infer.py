@@ -249,10 +249,13 @@ def test_missing_weights_is_one_clear_message(tmp_path):
     assert not (tmp_path / "o.mp4").exists()
 
 
-def test_dtype_bfloat16_on_cpu_is_refused(tmp_path, capsys, monkeypatch):
+def test_dtype_bfloat16_on_cpu_is_accepted(tmp_path, capsys, monkeypatch):
+    """bf16 on CPU is opt-in since the speed issue (backbone and heads in bf16): without weights the run fails
+    for the weights, not for the dtype."""
     monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)
     rc = infer.main(["--dtype", "bfloat16", "--device", "cpu", "--output", str(tmp_path / "x.mp4")])
-    assert rc == 1 and "--dtype: bfloat16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and "weights not found" in err and "--dtype" not in err
 
 
 def test_ctrl_c_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
