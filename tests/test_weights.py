@@ -127,7 +127,13 @@ def test_from_pretrained_matches_the_models_it_was_saved_from(release_dir, demo_
     assert pipe._generator is None  # LIA-X is read on first use only
     a = pipe.generate(mode="t2av", seed=4, progress=False)
     b = demo_pipe.generate(mode="t2av", seed=4, progress=False)
-    assert torch.equal(a.audio_24k, b.audio_24k) and torch.allclose(a.motion_raw, b.motion_raw, atol=1e-6)
+    saved, loaded = demo_pipe.llm.state_dict(), pipe.llm.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # same weights, same seed: equal up to float32 rounding (kernels may pick other SIMD paths for the
+    # loaded, mmapped tensors' alignment, so bitwise equality is not promised)
+    assert a.audio_24k.shape == b.audio_24k.shape and a.n_patches == b.n_patches
+    assert (a.audio_24k - b.audio_24k).abs().max() <= 1e-5 * b.audio_24k.abs().max()
+    assert torch.allclose(a.motion_raw, b.motion_raw, atol=1e-6)
 
 
 def test_from_pretrained_tts_needs_no_liax_and_download_fills_the_gaps(release_dir, tiny_loaders, no_env,

@@ -15,6 +15,10 @@ CKPT = FIXTURES / "av" / "whisperx_vae_tiny.ckpt"
 # - encoder side: float32 1e-5 (README default; reference 1- vs 2-thread spread <= 5.2e-6).
 #   Measured <= 1.2e-6.
 ENCODE_TOL = 1e-5
+# - the codec encoder's output (acoustic, std 121: activations grow per DAC block as in the decoder) sits
+#   at the float32 floor on some CPUs: on an AVX2-only EPYC it is 1.3e-5 from the fixture, while a float64
+#   run of the same weights is 7.8e-6 from ours and 8.6e-6 from the fixture (ours is the closer one).
+ACOUSTIC_TOL = 2e-5
 # - decoder: with synth weights activations grow ~3-4x per DAC block, so float32 rounding is
 #   amplified. Reference 1- vs 2-thread spread: pre_tanh 7.8e-4, recon_probe 6.5e-6. Against a
 #   float64 run of the same weights the fixture itself is off by 1.1e-4 (pre_tanh) and 1.4e-5
@@ -59,7 +63,7 @@ def test_encode_matches_reference(model, fixture):
                        ("inter.semantic_25", semantic_25), ("inter.vae_in_proj", posterior),
                        ("output.latent", latent)]:
         assert list(ours.shape) == meta["shapes"][name], name
-        assert max_rel_err(ours, t[name]) <= ENCODE_TOL, name
+        assert max_rel_err(ours, t[name]) <= (ACOUSTIC_TOL if name == "inter.acoustic" else ENCODE_TOL), name
     assert torch.equal(latent, posterior[:, :32].transpose(1, 2))
     assert torch.equal(model.encode(wav, mel, "bct"), latent.transpose(1, 2))
     assert torch.equal(model.encode(wav[:, 0], mel), latent)  # (B, T) input accepted
