@@ -281,8 +281,6 @@ def _report(kind: str, text: str) -> None:
 def _batched_results(pipe, runnable, batch_size: int) -> dict:
     """{id(job): result} of the lines run in batches of batch_size; a batch that fails is left to the
     one-by-one path, which reports each line's own error."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if batch_size == 1:
         return {}
     results = {}
@@ -361,9 +359,10 @@ def _generate(pipe, request, args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.stream_every < 1:
-        _report("error", f"--stream-every must be >= 1, got {args.stream_every}")
-        return 1
+    for flag, value in (("--stream-every", args.stream_every), ("--batch-size", args.batch_size)):
+        if value < 1:  # checked before anything loads
+            _report("error", f"{flag} must be >= 1, got {value}")
+            return 1
     if args.stream == "-":  # stdout carries the mp4: every message goes to stderr
         import contextlib
 

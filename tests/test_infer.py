@@ -222,6 +222,9 @@ def test_bad_inputs_one_line_and_nonzero_exit(tmp_path, capsys):
     cases = _cli_bad_cases(tmp_path) + [
         ("batch file missing", ["--batch-file", str(tmp_path / "none.jsonl")], "none.jsonl"),
         ("render batch", ["--render-batch-size", "0"], "--render-batch-size"),
+        ("batch size", ["--batch-file", str(REPO / "samples" / "prompts.jsonl"), "--batch-size", "0"],
+         "--batch-size"),
+        ("stream every", ["--stream", "--stream-every", "0"], "--stream-every"),
     ]
     for name, argv, needle in cases:
         if name == "mode":
