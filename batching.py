@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 from transformers.cache_utils import DynamicCache
 
-from generation import GenerationOutput, LengthPlan, Sampling
+from generation import GenerationOutput, LengthPlan, Sampling, stack_frames
 from prompt import Prompt
 
 
@@ -85,7 +85,7 @@ def run_batched(model, items: List[BatchItem]) -> List[GenerationOutput]:
             h, mask, live = _select(cache, h, mask, live, more)
             speech = speech[more]
             motion = None if motion is None else motion[more]
-        token = _patch_tokens(model, speech, motion, motion_pad=(task == "tts"))
+        token = model.patch_token(speech, motion, motion_pad=(task == "tts"))
         h, mask = _step(model, token, mask, cache)
     for r in rows:
         r.stopped_by = r.stopped_by or "length_cap"
@@ -163,36 +163,17 @@ def _sample_rows(model, cfm, rows, h, head: str):
                       for r in rows])
     noise = torch.cat([torch.randn((1, C, P), generator=r.rng, device=model.device) * float(r.item.sampling.cfm_temperature)
                        for r in rows])
-    with model._fp32():
-        x = cfm(mu=h.float(), n_timesteps=int(s.cfm_steps), patch_size=P, cond=cond, global_cond=glob,
-                temperature=1.0, cfg_value=float(s.cfm_cfg), sway_sampling_coef=1.0, use_cfg_zero_star=True,
-                noise=noise)
-    return x.transpose(1, 2).float().clone()
-
-
-def _patch_tokens(model, speech_bpc, motion_bpc, motion_pad: bool):
-    """(B, 1, D) fed back after one step, as SpeechLLM.patch_token for every row."""
-    with model.amp():
-        token = model.speech_patch_encoder(model.projector_speech(speech_bpc)[:, None])
-        if motion_bpc is not None:
-            token = token + model.motion_patch_encoder(model.projector_motion(motion_bpc)[:, None])
-        if motion_pad:
-            token = token + model.motion_pad_emb
-    return token
+    # each row's temperature is in its noise (rows may differ in it), so the sampler's own factor is 1
+    return model.sample_patches(cfm, h, cond, glob, s.cfm_steps, 1.0, s.cfm_cfg, noise)
 
 
 def _output(model, r: _Row) -> GenerationOutput:
-    dev, a = model.device, model.model_args
-
-    def frames(patches, dim):
-        return torch.cat(patches).float() if patches else torch.zeros((0, dim), device=dev)
-
-    p = r.item.prompt
+    p, a = r.item.prompt, model.model_args
     return GenerationOutput(
-        speech_latents=frames(r.speech, a.speech_embedding_dim), motion_norm=frames(r.motion, a.motion_embedding_dim),
+        speech_latents=stack_frames(r.speech, a.speech_embedding_dim, model.device),
+        motion_norm=stack_frames(r.motion, a.motion_embedding_dim, model.device),
         prefix_speech_latents=p.prefix_speech_latents.float(), prefix_motion_norm=p.prefix_motion_norm.float(),
         n_patches=r.n_patches, stopped_by=r.stopped_by, plan=r.item.plan, stop_probs=r.stop_probs)
-
 
 
 # ------------------------------------------------------------------------------------------ requests

@@ -203,13 +203,14 @@ def collect(stream: PatchStream, progress: Optional[Callable[[int], None]] = Non
         if progress is not None:
             progress(patch.index + 1)
     m, dev = stream.model, stream.model.device
-
-    def frames(patches, dim):
-        return torch.cat(patches).float() if patches else torch.zeros((0, dim), device=dev)
-
     return GenerationOutput(
-        speech_latents=frames(speech, m.model_args.speech_embedding_dim),
-        motion_norm=frames(motion, m.model_args.motion_embedding_dim),
+        speech_latents=stack_frames(speech, m.model_args.speech_embedding_dim, dev),
+        motion_norm=stack_frames(motion, m.model_args.motion_embedding_dim, dev),
         prefix_speech_latents=stream.prompt.prefix_speech_latents.float(),
         prefix_motion_norm=stream.prompt.prefix_motion_norm.float(),
         n_patches=stream.n_patches, stopped_by=stream.stopped_by, plan=stream.plan, stop_probs=stop_probs)
+
+
+def stack_frames(patches: list, dim: int, device) -> torch.Tensor:
+    """(frames, dim) float32 from a list of (P, dim) patches; (0, dim) for none."""
+    return torch.cat(patches).float() if patches else torch.zeros((0, dim), device=device)

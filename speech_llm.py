@@ -486,15 +486,18 @@ class SpeechLLM(nn.Module):
         return out.last_hidden_state
 
     def patch_token(self, speech_frames=None, motion_frames=None, motion_pad: bool = False):
-        """The token fed back after one loop step: (P, speech_dim) and/or (P, motion_dim) -> (1, 1, D).
-        Unlike the prefix tokens, a step without a motion patch adds no motion token at all;
-        `motion_pad` adds motion_pad_emb (TTS tokens)."""
+        """The token fed back after one loop step: (P, speech_dim) and/or (P, motion_dim) -> (1, 1, D), or
+        for a batch (B, P, dim) -> (B, 1, D). Unlike the prefix tokens, a step without a motion patch adds no
+        motion token at all; `motion_pad` adds motion_pad_emb (TTS tokens)."""
+        def rows(frames):  # (B, 1, P, dim) as the patch encoders read them
+            return frames[None, None] if frames.dim() == 2 else frames[:, None]
+
         with self.amp():
             token = 0
             if speech_frames is not None:
-                token = self.speech_patch_encoder(self.projector_speech(speech_frames)[None, None])
+                token = self.speech_patch_encoder(rows(self.projector_speech(speech_frames)))
             if motion_frames is not None:
-                token = token + self.motion_patch_encoder(self.projector_motion(motion_frames)[None, None])
+                token = token + self.motion_patch_encoder(rows(self.projector_motion(motion_frames)))
             if motion_pad:
                 token = token + self.motion_pad_emb
             return token
@@ -514,11 +517,15 @@ class SpeechLLM(nn.Module):
 
     def sample_patch(self, cfm: UnifiedCFM, h, cond, global_cond, steps=10, temperature=0.3, cfg=2.0, noise=None):
         """One CFM patch in float32: (P, C). Draws randn(1, C, P) unless `noise` is given."""
+        return self.sample_patches(cfm, h, cond, global_cond, steps, temperature, cfg, noise)[0]
+
+    def sample_patches(self, cfm: UnifiedCFM, h, cond, global_cond, steps=10, temperature=0.3, cfg=2.0, noise=None):
+        """One CFM patch per row of h (B, H): (B, P, C) float32."""
         with self._fp32():
             x = cfm(mu=h.float(), n_timesteps=int(steps), patch_size=self.patch_size, cond=cond,
                     global_cond=global_cond.float(), temperature=float(temperature), cfg_value=float(cfg),
                     sway_sampling_coef=1.0, use_cfg_zero_star=True, noise=noise)
-        return x[0].T.clone()
+        return x.transpose(1, 2).float().clone()
 
     # ------------------------------------------------------------------ generation
     def iter_patches(self, prompt, plan, sampling=None, given_speech_latents=None,
