@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional
 import torch
 
 from constants import FPS, MAX_FRAMES, PATCH_SIZE
-from generation import GenerationOutput, LengthPlan, Patch, PatchStream, Sampling, plan_lengths
+from generation import GenerationOutput, LengthPlan, Patch, PatchStream, Sampling, plan_lengths, stack_frames
 from motion_stats import normalize_motion
 from prompt import build_prompt, text_prompt
 
@@ -241,8 +241,8 @@ class LongFormRun:
                                              plan.max_seconds))
         m = pipe.llm.model_args
         self.output = GenerationOutput(
-            speech_latents=torch.cat(speech) if speech else torch.zeros((0, m.speech_embedding_dim)),
-            motion_norm=torch.cat(motion) if motion else torch.zeros((0, m.motion_embedding_dim)),
+            speech_latents=stack_frames(speech, m.speech_embedding_dim, "cpu"),
+            motion_norm=stack_frames(motion, m.motion_embedding_dim, "cpu"),
             prefix_speech_latents=first_prompt.prefix_speech_latents.float(),
             prefix_motion_norm=first_prompt.prefix_motion_norm.float(),
             n_patches=len(stop_probs), stopped_by=self.reports[-1].stopped_by,
