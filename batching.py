@@ -199,7 +199,7 @@ def generate_batch(pipe, requests, batch_size: int = 4, progress=False) -> list:
             jobs.append((req, None))
             continue
         ids, start = text_prompt(pipe.tokenizer, req.text, plan.n_placeholders,
-                                 int(pipe.llm.model_args.model_max_length), pipe.patch_size)
+                                 int(pipe.model_args.model_max_length), pipe.patch_size)
         ref_motion = None if inputs.ref_motion_raw is None else normalize_motion(inputs.ref_motion_raw)
         prompt = build_prompt(pipe.llm, ids, start, inputs.ref_latents, inputs.speaker, plan, ref_motion)
         item = BatchItem(prompt, plan, Sampling(req.cfm_steps, req.cfm_temperature, req.cfm_cfg), req.seed)

@@ -270,33 +270,74 @@ def _batch_rows(model, device, args, label):
     return rows
 
 
-def stage_t2av_rss(device, args):
-    """End-to-end peak RSS of one t2av request at full size (random weights of the released shapes: SpeechLLM,
-    WhisperX-VAE, WavLM-Large + ECAPA, LIA-X 512), kept short: `--llm-seconds` of speech (default 0.16 s =
-    1 patch) with the prefix trimmed, a 0.16 s prefix, and the renderer in bf16, so only a few frames render."""
-    import tempfile
-
+def write_release_files(folder) -> dict:
+    """Random weights of the released shapes written in the released layout (~11.6 GB: SpeechLLM
+    safetensors + tokenizer, WhisperX-VAE .ckpt, LIA-X .pt, WavLM ECAPA .pth), one model in memory at a
+    time. Returns infer.py's weight flags for them."""
     import torch
-    import lia_x
     import speaker_verification
+    import whisperx_vae
     from lia_x import RELEASE_CONFIG, Generator
-    from pipeline import TalkerPipeline, demo_tokenizer
+    from pipeline import demo_tokenizer
     from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
-    from whisperx_vae import WhisperXVAE, assumed_release_cfg
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    llm = SpeechLLM(released_model_args(), qwen3_0_6b_config()).eval()
-    gen = lia_x.cast_conv_weights(Generator(**RELEASE_CONFIG).eval().requires_grad_(False), torch.bfloat16)
-    pipe = TalkerPipeline(llm, demo_tokenizer(1000), WhisperXVAE(assumed_release_cfg()).eval(),
-                          speaker_verification.init_model("wavlm_large").eval(), gen, device=device,
-                          render_dtype=torch.bfloat16, render_batch_size=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        r = pipe.generate(mode="t2av", text="Memory check.", max_seconds=args.llm_seconds or 0.16,
-                          gt_prefix_seconds=0.16, trim_prefix=True, output=os.path.join(tmp, "o.mp4"), progress=False)
-    seconds = time.perf_counter() - t0
-    return [dict(stage="t2av (full)", what=f"one request end to end: build + encode + {r.n_patches} patches + "
-                                            f"decode + {r.n_frames} frames rendered (bf16)",
-                 value=f"{seconds:.0f} s", note="random weights at release shapes; peak RSS in the memory column")]
+    args = released_model_args()
+    SpeechLLM(args, qwen3_0_6b_config()).save_pretrained(
+        os.path.join(folder, "talker-t2av"), tokenizer=demo_tokenizer(args.model_max_length))
+    os.makedirs(os.path.join(folder, "whisperx-vae"), exist_ok=True)
+    whisperx_vae.save_checkpoint(whisperx_vae.WhisperXVAE(whisperx_vae.assumed_release_cfg()),
+                                 os.path.join(folder, "whisperx-vae", "model.ckpt"))
+    torch.save(Generator(**RELEASE_CONFIG).state_dict(), os.path.join(folder, "lia-x.pt"))
+    torch.save({"model": speaker_verification.init_model("wavlm_large").state_dict()},
+               os.path.join(folder, "wavlm_large_finetune.pth"))
+    return {"--checkpoint-dir": os.path.join(folder, "talker-t2av"),
+            "--whisperx-vae-ckpt": os.path.join(folder, "whisperx-vae", "model.ckpt"),
+            "--liax-ckpt": os.path.join(folder, "lia-x.pt"), "--wavlm-ckpt": os.path.join(folder, "wavlm_large_finetune.pth")}
+
+
+def _child_peak_rss_gib(cmd) -> tuple:
+    """(peak RSS of the command in GiB, wall seconds); RuntimeError with its last stderr line on failure.
+    Run in a fresh process so that RUSAGE_CHILDREN holds this command's peak only."""
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t, p.returncode); "
+            "sys.stderr.write(p.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    peak_kb, wall, rc = proc.stdout.split()
+    if int(rc):
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["?"])[-1])
+    return int(peak_kb) / 2**20, float(wall)
+
+
+def stage_t2av_rss(device, args):
+    """End-to-end peak RSS of `infer.py` t2av runs on release-format files of random weights (written
+    first, ~11.6 GB on disk): one request as the CLI runs it (low_memory: each model dropped when its
+    stage is done) and the same request as a one-line batch file (every model kept for the next line).
+    Kept short: `--llm-seconds` of speech (default 0.16 s = 1 patch), a 0.16 s prefix, trimmed, so four
+    frames render (float32: bf16 convolutions are emulated on CPUs without AVX512-BF16/AMX)."""
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        t0 = time.perf_counter()
+        flags = write_release_files(tmp)
+        written = time.perf_counter() - t0
+        request = ["--mode", "t2av", "--text", "Memory check.", "--max-seconds", str(args.llm_seconds or 0.16),
+                   "--gt-prefix-seconds", "0.16", "--trim-prefix", "--device", str(device)]
+        weight_flags = [x for kv in flags.items() for x in kv]
+        infer = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "infer.py")]
+        with open(os.path.join(tmp, "one.jsonl"), "w") as f:
+            f.write(json.dumps({"output": os.path.join(tmp, "b.mp4")}) + "\n")
+        runs = (("one request (CLI: models dropped per stage)", ["--output", os.path.join(tmp, "a.mp4")]),
+                ("same, as a batch file (models kept)", ["--batch-file", os.path.join(tmp, "one.jsonl")]))
+        for label, extra in runs:
+            peak, wall = _child_peak_rss_gib(infer + weight_flags + request + extra)
+            rows.append(dict(stage="t2av (full)", what=f"infer.py peak RSS, {label}", value=f"{peak:.2f} GiB",
+                             note=f"wall {wall:.0f} s: load + encode + 1 patch + decode + 4 frames (float32)"))
+    rows.append(dict(stage="t2av (full)", what="writing the random release files", value=f"{written:.0f} s",
+                     note="not part of a run"))
+    for r in rows:
+        r["memory"] = "see value"
+    return rows
 
 
 def stage_vae(device, args):
@@ -459,7 +500,7 @@ def stage_stream(device, args):
     """pipe.stream on the tiny demo models, then at the released sizes (random weights) on `device`: the
     full-size LIA-X renders ~19 s/frame in float32 on 2 CPU cores, so the full-size rows stream without
     rendering (time to first audio, AR + decode real-time factor) and time the first frame's render alone
-    (identity encode + 1 frame, bfloat16 on CPU). The full-size request reads its reference motion from a file
+    (identity encode + 1 frame, float32). The full-size request reads its reference motion from a file
     (no LIA-X encoder pass, ~3 s per prefix frame on CPU, in the first-audio time)."""
     import torch
     from pipeline import TalkerPipeline, demo_tokenizer
@@ -484,7 +525,7 @@ def stage_stream(device, args):
     _never_stop(llm)
     vae = WhisperXVAE(assumed_release_cfg())
     spk = speaker_verification.init_model("wavlm_large")
-    render_dtype = torch.bfloat16 if device.type == "cpu" else torch.float32
+    render_dtype = torch.float32  # bf16 convolutions are emulated on CPUs without AVX512-BF16/AMX (~40x slower)
     gen = Generator(**RELEASE_CONFIG).eval().requires_grad_(False)
     pipe = TalkerPipeline(llm.to(device).eval(), demo_tokenizer(), vae.to(device).eval(), spk.to(device).eval(),
                           gen.to(device), device=device, render_dtype=render_dtype)
@@ -516,7 +557,7 @@ def run_stage(name, device_name, args):
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     for r in rows:
-        r["memory"] = f"RSS peak {peak_mb / 1024:.2f} GiB{gpu}"
+        r.setdefault("memory", f"RSS peak {peak_mb / 1024:.2f} GiB{gpu}")
     print("BENCH_JSON " + json.dumps(rows))
 
 

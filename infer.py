@@ -271,7 +271,8 @@ def load_pipeline(args, modes):
         args.checkpoint_dir, args.whisperx_vae_ckpt, args.liax_ckpt, args.wavlm_ckpt,
         wavlm_backbone_ckpt=args.wavlm_backbone_ckpt, llm_name=args.llm_name, device=device,
         dtype=_dtype(args.dtype), render_dtype=render_dtype, render_batch_size=args.render_batch_size,
-        needs=needs, download=args.download, wavlm_repo=args.wavlm_repo, wavlm_filename=args.wavlm_filename)
+        needs=needs, download=args.download, wavlm_repo=args.wavlm_repo, wavlm_filename=args.wavlm_filename,
+        low_memory=not args.batch_file)  # one request: each model is dropped once it is done
 
 
 def _report(kind: str, text: str) -> None:

@@ -163,7 +163,7 @@ def window_plan(pipe, req, inputs, window: Window, ref_frames: Optional[int] = N
     motion_frames = inputs.ref_motion_frames if first else max(PATCH_SIZE, ref_frames)
     n_given = window.given_end - window.given_start
     return plan_lengths(task, ref_speech_frames=speech_frames, ref_motion_frames=motion_frames,
-                        gt_prefix_seconds=req.gt_prefix_seconds, delay=pipe.llm.delay, patch_size=pipe.patch_size,
+                        gt_prefix_seconds=req.gt_prefix_seconds, delay=pipe.delay, patch_size=pipe.patch_size,
                         given_speech_frames=n_given if req.mode == "a2v" else None,
                         given_motion_frames=n_given if req.mode == "v2a" else None,
                         max_seconds=req.max_seconds, text_seconds=estimate_speech_seconds(window.text))
@@ -171,12 +171,12 @@ def window_plan(pipe, req, inputs, window: Window, ref_frames: Optional[int] = N
 
 def check_windows(pipe, req, inputs, windows: List[Window]) -> None:
     """Every window's prompt fits the model (run before generating anything)."""
-    if pipe.llm.delay != 0:
+    if pipe.delay != 0:
         raise ValueError(f"long-form windows need a model with delay 0 (the release); this one has "
-                         f"{pipe.llm.delay}")
+                         f"{pipe.delay}")
     for w in windows:
         plan = window_plan(pipe, req, inputs, w, tail_frames(req, "tts" if req.mode == "tts" else "t2av"))
-        text_prompt(pipe.tokenizer, w.text, plan.n_placeholders, int(pipe.llm.model_args.model_max_length),
+        text_prompt(pipe.tokenizer, w.text, plan.n_placeholders, int(pipe.model_args.model_max_length),
                     pipe.patch_size)
 
 
@@ -218,7 +218,7 @@ class LongFormRun:
                     so_far_motion = torch.cat([first_prompt.prefix_motion_norm.cpu()] + motion)
                     ref_motion = so_far_motion[max(0, so_far_motion.shape[0] - max(n_tail, PATCH_SIZE)):]
             input_ids, speech_start = text_prompt(pipe.tokenizer, w.text, plan.n_placeholders,
-                                                  int(pipe.llm.model_args.model_max_length), pipe.patch_size)
+                                                  int(pipe.model_args.model_max_length), pipe.patch_size)
             prompt = build_prompt(pipe.llm, input_ids, speech_start, ref_latents, inputs.speaker, plan, ref_motion)
             if w.index == 0:
                 first_prompt = prompt
@@ -239,7 +239,7 @@ class LongFormRun:
             self.reports.append(WindowReport(w.index, w.text, prompt.prefix_speech_latents.shape[0], start,
                                              sum(s.shape[0] for s in speech) - start, stream.stopped_by,
                                              plan.max_seconds))
-        m = pipe.llm.model_args
+        m = pipe.model_args
         self.output = GenerationOutput(
             speech_latents=stack_frames(speech, m.speech_embedding_dim, "cpu"),
             motion_norm=stack_frames(motion, m.motion_embedding_dim, "cpu"),

@@ -17,6 +17,7 @@ mode's outputs -> write. Modes (all run the released loop of generation.py):
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import tempfile
@@ -526,34 +527,98 @@ def _check_finite(a: Assembled) -> None:
 
 # ------------------------------------------------------------------------------------------ pipeline
 
+def _model_slot(name: str, doc: str):
+    """A pipeline model that may be dropped (TalkerPipeline.release) and is then loaded again on first use."""
+    def get(self):
+        model = getattr(self, "_" + name)
+        if model is None:
+            model = self._load(name)
+            setattr(self, "_" + name, model)
+        return model
+
+    def set_(self, model):
+        setattr(self, "_" + name, model)
+    return property(get, set_, doc=doc)
+
+
 class TalkerPipeline:
+    llm = _model_slot("llm", "SpeechLLM (backbone + heads)")
+    vae = _model_slot("vae", "WhisperX-VAE (reference encoder, decoder)")
+    speaker_encoder = _model_slot("speaker_encoder", "WavLM-Large + ECAPA-TDNN speaker encoder")
+    generator = _model_slot("generator", "LIA-X generator (reference motion, rendering), loaded from "
+                                         "`liax_ckpt` on first use")
+
     def __init__(self, speech_llm, tokenizer, whisperx_vae, speaker_encoder, generator=None, *,
                  liax_ckpt=None, device="cpu", render_dtype=torch.float32, render_batch_size=None,
-                 is_demo=False):
-        self.llm = speech_llm
-        self.tokenizer = tokenizer
-        self.vae = whisperx_vae
-        self.speaker_encoder = speaker_encoder
+                 is_demo=False, model_args=None, loaders=None, low_memory: bool = False):
+        """`loaders` {name: () -> model} reload a model dropped by release() (from_pretrained sets them; a
+        model given as None with a loader is loaded on first use). `low_memory`: generate() drops each model
+        once the request no longer needs it (the CLI's single runs: peak memory = the largest stage)."""
+        self._llm, self._vae, self._speaker_encoder = speech_llm, whisperx_vae, speaker_encoder
         self._generator = generator
+        self.model_args = model_args if model_args is not None else speech_llm.model_args
+        self.tokenizer = tokenizer
         self.liax_ckpt = liax_ckpt
         self.device = torch.device(device)
         self.render_dtype = render_dtype
         self.render_batch_size = render_batch_size
         self.is_demo = is_demo
+        self.low_memory = low_memory
+        self._loaders = dict(loaders or {})
         self.load_seconds = 0.0
         self._encodings = {}  # (kind, content digest, ...) -> encoder outputs, reused within this pipeline's run
+
+    def _load(self, name: str):
+        import weights
+
+        loader = self._loaders.get(name)
+        if name == "generator" and loader is None and self.liax_ckpt is not None:
+            import lia_x
+
+            def loader():
+                return lia_x.load_generator(self.liax_ckpt, device=self.device, dtype=self.render_dtype)
+        if loader is None:
+            if name == "generator":
+                raise weights.MissingWeightsError(["liax"])
+            raise RuntimeError(f"the pipeline's {name} was released and cannot be loaded again")
+        t0 = time.perf_counter()
+        model = loader()
+        self.load_seconds += time.perf_counter() - t0
+        return model
+
+    def release(self, *names: str) -> list:
+        """Drop the named models that can be loaded again (their loader, or LIA-X's checkpoint path); a
+        later use reloads them (memory-mapped files: seconds). Returns the names dropped."""
+        reloadable = set(self._loaders) | ({"generator"} if self.liax_ckpt is not None else set())
+        dropped = [n for n in names if n in reloadable and getattr(self, "_" + n) is not None]
+        for name in dropped:
+            setattr(self, "_" + name, None)
+        if dropped:
+            gc.collect()
+        return dropped
+
+    def _stage_done(self, stage: str) -> None:
+        """low_memory: drop what the rest of a single request does not need ('inputs': the encoders, the VAE
+        coming back for the decode; 'loop': the SpeechLLM)."""
+        if self.low_memory:
+            self.release(*{"inputs": ("speaker_encoder", "vae"), "loop": ("llm",)}[stage])
 
     # -------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, checkpoint_dir=None, whisperx_vae_ckpt=None, liax_ckpt=None, wavlm_ckpt=None, *,
                         wavlm_backbone_ckpt=None, llm_name: Optional[str] = "Qwen/Qwen3-0.6B", device=None,
                         dtype=None, render_dtype=torch.float32, render_batch_size=None, needs=None,
-                        download=False, wavlm_repo=None, wavlm_filename=None) -> "TalkerPipeline":
+                        download=False, wavlm_repo=None, wavlm_filename=None,
+                        low_memory: bool = False) -> "TalkerPipeline":
         """Load the released weights. Paths default to weights.locate() (env vars CHECKPOINT_DIR,
         WHISPERVAE_CKPT, LIAX_CKPT, WAVLM_CKPT, then the hub cache); download=True fetches what is missing.
 
         dtype: backbone dtype (None: bfloat16 on CUDA as the reference, float32 on CPU). LIA-X (3.6 GB) is
-        loaded on first use, so a TTS-only session never reads it. `needs`: components to require now."""
+        loaded on first use, so a TTS-only session never reads it. `needs`: components to require now.
+        Weight files are memory-mapped: a model's pages are read when it runs. low_memory=True (the CLI's
+        single runs): every file is checked now, the SpeechLLM is loaded when the loop starts, and each
+        model is dropped once the request no longer needs it (see _stage_done), so the peak is the
+        largest stage rather than the sum of all models; a later request reloads what it needs."""
         import speaker_verification
         import weights
         import whisperx_vae
@@ -570,14 +635,29 @@ class TalkerPipeline:
             paths = weights.download(needs, paths, **extra)
         paths.require(needs)
 
-        llm = SpeechLLM.from_pretrained(paths.checkpoint_dir, device=device, llm_dtype=dtype)
-        if dtype == torch.bfloat16 and device.type == "cpu":
-            llm.to(torch.bfloat16)  # opt-in: backbone and heads compute in bf16 on CPU too (speech_llm.amp)
-        tokenizer = tokenizer_for(paths.checkpoint_dir, llm_name, llm.model_args.model_max_length)
-        vae = whisperx_vae.load_whisperx_vae(paths.whisperx_vae, device=device)
-        spk = speaker_verification.init_model("wavlm_large", paths.wavlm, wavlm_checkpoint=wavlm_backbone_ckpt)
-        pipe = cls(llm, tokenizer, vae, spk.to(device).eval(), None, liax_ckpt=paths.liax, device=device,
-                   render_dtype=render_dtype, render_batch_size=render_batch_size)
+        def load_llm():
+            llm = SpeechLLM.from_pretrained(paths.checkpoint_dir, device=device, llm_dtype=dtype)
+            if dtype == torch.bfloat16 and device.type == "cpu":
+                llm.to(torch.bfloat16)  # opt-in: backbone and heads compute in bf16 on CPU too (speech_llm.amp)
+            return llm
+
+        def load_vae():
+            return whisperx_vae.load_whisperx_vae(paths.whisperx_vae, device=device)
+
+        def load_speaker_encoder():
+            return speaker_verification.init_model("wavlm_large", paths.wavlm,
+                                                   wavlm_checkpoint=wavlm_backbone_ckpt).to(device).eval()
+
+        if low_memory:  # checked now, loaded when the loop starts (after the encoders are gone)
+            llm, (model_args, _) = None, SpeechLLM.check_pretrained(paths.checkpoint_dir)
+        else:
+            llm = load_llm()
+            model_args = llm.model_args
+        tokenizer = tokenizer_for(paths.checkpoint_dir, llm_name, model_args.model_max_length)
+        pipe = cls(llm, tokenizer, load_vae(), load_speaker_encoder(), None, liax_ckpt=paths.liax, device=device,
+                   render_dtype=render_dtype, render_batch_size=render_batch_size, model_args=model_args,
+                   loaders=dict(llm=load_llm, vae=load_vae, speaker_encoder=load_speaker_encoder),
+                   low_memory=low_memory)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -617,23 +697,12 @@ class TalkerPipeline:
         return pipe
 
     @property
-    def generator(self):
-        """LIA-X generator, loaded from `liax_ckpt` on first use."""
-        if self._generator is None:
-            import weights
-
-            if self.liax_ckpt is None:
-                raise weights.MissingWeightsError(["liax"])
-            import lia_x
-
-            t0 = time.perf_counter()
-            self._generator = lia_x.load_generator(self.liax_ckpt, device=self.device, dtype=self.render_dtype)
-            self.load_seconds += time.perf_counter() - t0
-        return self._generator
+    def patch_size(self) -> int:
+        return self.model_args.patch_size
 
     @property
-    def patch_size(self) -> int:
-        return self.llm.patch_size
+    def delay(self) -> int:
+        return self.model_args.delay
 
     # -------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -704,15 +773,17 @@ class TalkerPipeline:
         self.load_seconds = 0.0  # counted once, in the first result
         with _timed(timings, "inputs"):
             inputs, plan, windows = self._inputs(req, progress)
+            self._stage_done("inputs")
             if windows is None:
                 input_ids, speech_start = text_prompt(self.tokenizer, req.text, plan.n_placeholders,
-                                                      int(self.llm.model_args.model_max_length), self.patch_size)
+                                                      int(self.model_args.model_max_length), self.patch_size)
         with _timed(timings, "generate"):
             if windows is None:
                 out, reports = self._run(req, inputs, plan, input_ids, speech_start, progress), []
             else:
                 lf = longform.run(self, req, inputs, windows, progress)
                 out, reports = lf.output, lf.reports
+        self._stage_done("loop")
         return self._finish(req, inputs, plan, out, reports, paths, timings, progress)
 
     def _inputs(self, req, progress):
@@ -779,7 +850,7 @@ class TalkerPipeline:
         return plan_lengths(
             "tts" if req.mode == "tts" else "t2av", ref_speech_frames=inputs.ref_latents.shape[0],
             ref_motion_frames=inputs.ref_motion_frames, gt_prefix_seconds=req.gt_prefix_seconds,
-            delay=self.llm.delay, patch_size=self.patch_size,
+            delay=self.delay, patch_size=self.patch_size,
             given_speech_frames=None if inputs.given_speech is None else inputs.given_speech.shape[0],
             given_motion_frames=None if inputs.given_motion_raw is None else inputs.given_motion_raw.shape[0],
             max_seconds=req.max_seconds)

@@ -2,14 +2,18 @@
 
 - safe_torch_load: torch.load(weights_only=True), memory-mapped when the file allows it (zip format),
   with an explicit allow-list of extra globals; every failure is one ValueError line naming the file.
+- mmap_safetensors: the tensors of a .safetensors file as views of one read-only (copy-on-write) memory
+  map: nothing is read until a tensor is used, and pages of weights a stage never touches stay on disk.
 - key_report: the one strict-load report of every loader (SpeechLLM, WhisperX-VAE, LIA-X, speaker
   encoder): how many of the expected keys the file holds, what is missing / unexpected / of the wrong
   shape (first few of each), and what the file looks like instead when it is another model's.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +47,57 @@ def safe_torch_load(path, what: str = "torch checkpoint", safe_globals=()):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # garbage input surfaces as many exception types
             raise ValueError(f"{path}: not a loadable {what} ({_failure_detail(err)})") from None
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(path) -> tuple:
+    """(header dict without __metadata__, byte offset of the data) of a .safetensors file; ValueError naming
+    the file when it is not one."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {err})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        start, end = info.get("data_offsets", (-1, -1))
+        if info.get("dtype") not in _SAFETENSORS_DTYPES or not 0 <= start <= end <= size - 8 - n:
+            raise ValueError(f"{path}: not a readable safetensors file (entry {name!r} is malformed)")
+    return header, 8 + n
+
+
+def mmap_safetensors(path) -> dict:
+    """{name: tensor} of a .safetensors file without reading it: every tensor is a view of one private
+    memory map (writes copy, the file is never changed). Pages become resident when a tensor is used and
+    are given back when the last view is dropped. A tensor whose offset is not a multiple of its element
+    size (possible in files written by other tools) is copied."""
+    header, data_start = safetensors_header(path)
+    storage = torch.UntypedStorage.from_file(os.fspath(path), False, os.path.getsize(path))
+    tensors = {}
+    for name, info in header.items():
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        start, end = info["data_offsets"]
+        offset, itemsize = data_start + start, torch.empty(0, dtype=dtype).element_size()
+        if offset % itemsize == 0:
+            t = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
+        else:
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (end - start,))
+            t = raw.clone().view(dtype).reshape(shape)
+        if t.numel() * itemsize != end - start:
+            raise ValueError(f"{path}: not a readable safetensors file ({name!r}: shape {list(shape)} does not "
+                             f"match its {end - start} bytes)")
+        tensors[name] = t
+    return tensors
 
 
 # Key prefixes that identify the checkpoints a user may pass by mistake (checked in this order).

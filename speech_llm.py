@@ -31,7 +31,7 @@ from constants import SAMPLES_PER_FRAME, SAMPLES_PER_FRAME_16K
 from llama4nar import DecoderConfig, PatchEncoder
 from local_dit import VoxCPMLocDiT
 from prompt import SPEECH_TOKEN, build_chat_and_spans, build_prompt, load_tokenizer, to_patches  # noqa: F401
-from safe_load import key_report
+from safe_load import key_report, mmap_safetensors, safetensors_header
 from unified_cfm import CfmConfig, UnifiedCFM
 
 ENCODER_PREFIXES = ("pretrained_speech_encoder.", "spk.")
@@ -599,6 +599,25 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
+    def check_pretrained(cls, checkpoint_dir, attn_implementation: str = "sdpa") -> tuple:
+        """(ModelArguments, Qwen3Config) of a release-format folder after checking its configs and the
+        names and shapes in model.safetensors' header against the model's, without reading any weight.
+        FileNotFoundError / ValueError naming the file otherwise."""
+        folder = str(checkpoint_dir)
+        weights = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{weights}: file not found")
+        model_args, llm_config = _read_configs(folder, attn_implementation)
+        header, _ = safetensors_header(weights)
+        with torch.device("meta"):
+            model = cls(model_args, llm_config)
+        found = {k: v["shape"] for k, v in header.items() if not k.startswith(ENCODER_PREFIXES)}
+        report = key_report(model._checkpoint_shapes(), found, ignore=TIED_KEYS)
+        if not report.ok():
+            raise ValueError(f"{weights}: {report.message('SpeechLLM')}")
+        return model_args, llm_config
+
+    @classmethod
     def from_pretrained(cls, checkpoint_dir, device="cpu", llm_dtype: Optional[torch.dtype] = None,
                         attn_implementation: str = "sdpa") -> "SpeechLLM":
         """Strictly load a release-format folder (model.safetensors [+ config.json, speech_llm_args.json]).
@@ -606,34 +625,20 @@ class SpeechLLM(nn.Module):
         config.json, when present, is the Qwen3 backbone config (the released model is a
         transformers PreTrainedModel whose config is the backbone's); otherwise the embedded
         Qwen3-0.6B config is used. The backbone is kept in `llm_dtype` (default: bfloat16 on CUDA
-        as the reference, float32 on CPU); every other module is float32.
+        as the reference, float32 on CPU); every other module is float32. On CPU, weights already in
+        their compute dtype stay views of the memory-mapped file (safe_load.mmap_safetensors).
         """
-        from safetensors import safe_open
-
-        folder = str(checkpoint_dir)
-        weights = os.path.join(folder, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{weights}: file not found")
-        model_args, llm_config = _read_configs(folder, attn_implementation)
+        model_args, llm_config = cls.check_pretrained(checkpoint_dir, attn_implementation)
+        weights = os.path.join(str(checkpoint_dir), WEIGHTS_NAME)
         device = torch.device(device)
         if llm_dtype is None:
             llm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         with torch.device("meta"):
             model = cls(model_args, llm_config)
-        try:
-            with safe_open(weights, framework="pt") as f:
-                keys = [k for k in f.keys() if not k.startswith(ENCODER_PREFIXES)]
-                report = key_report(model._checkpoint_shapes(), {k: f.get_slice(k).get_shape() for k in keys},
-                                    ignore=TIED_KEYS)
-                if not report.ok():
-                    raise ValueError(f"{weights}: {report.message('SpeechLLM')}")
-                state = {k: _loaded_tensor(f.get_tensor(k), llm_dtype if k.startswith("llm.") else torch.float32,
-                                           device)
-                         for k in keys if not (k in TIED_KEYS and model.config.tie_word_embeddings)}
-        except ValueError:
-            raise
-        except Exception as e:  # unreadable / corrupt file
-            raise ValueError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        tied = model.config.tie_word_embeddings
+        state = {k: _loaded_tensor(t, llm_dtype if k.startswith("llm.") else torch.float32, device)
+                 for k, t in mmap_safetensors(weights).items()
+                 if not k.startswith(ENCODER_PREFIXES) and not (k in TIED_KEYS and tied)}
         model.load_state_dict(state, strict=False, assign=True)
         model._materialize_after_assign(device)
         return model.eval()

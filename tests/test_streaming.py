@@ -39,8 +39,9 @@ def _rel(a, b):
 # ---------------------------------------------------------------------------------------------- decoder
 
 def test_receptive_field_is_16_latent_frames(vae_and_latents):
-    """Perturbing latent frame i changes samples of 32 consecutive output frames within i-16 .. i+16 (the
-    sub-frame phase of the ends depends on the weights: i-16..i+15 here, i-15..i+16 for other seeds)."""
+    """Perturbing latent frame i changes output samples within frames i-16 .. i+16 and reaches at least
+    i-15 and i+15 (whether the outermost frame shows a change depends on the weights and on the CPU's
+    rounding: i-16..i+15, i-15..i+16 and i-16..i+16 are all seen)."""
     vae, z = vae_and_latents
     full = vae.decode(z[None]).reshape(-1)
     i = 40
@@ -49,7 +50,7 @@ def test_receptive_field_is_16_latent_frames(vae_and_latents):
     changed = (vae.decode(bumped[None]).reshape(-1) != full).nonzero().reshape(-1) // 960
     lo, hi = int(changed.min()), int(changed.max())
     assert i - DECODER_CONTEXT_FRAMES <= lo and hi <= i + DECODER_CONTEXT_FRAMES
-    assert hi - lo + 1 == 2 * DECODER_CONTEXT_FRAMES
+    assert lo <= i - DECODER_CONTEXT_FRAMES + 1 and hi >= i + DECODER_CONTEXT_FRAMES - 1
 
 
 def test_span_and_streaming_decode_equal_the_one_shot_decode(vae_and_latents):

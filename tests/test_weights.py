@@ -136,6 +136,51 @@ def test_from_pretrained_matches_the_models_it_was_saved_from(release_dir, demo_
     assert torch.allclose(a.motion_raw, b.motion_raw, atol=1e-6)
 
 
+def _from_release(release_dir, **kwargs):
+    return TalkerPipeline.from_pretrained(release_dir / "talker-t2av", liax_ckpt=release_dir / "lia-x.pt",
+                                          wavlm_ckpt=release_dir / "wavlm_large_finetune.pth", device="cpu", **kwargs)
+
+
+def test_low_memory_drops_each_model_when_its_stage_is_done_and_changes_nothing(release_dir, tiny_loaders, no_env,
+                                                                                 tmp_path):
+    kept = _from_release(release_dir)
+    lean = _from_release(release_dir, low_memory=True)
+    assert lean._llm is None and lean._vae is not None  # the SpeechLLM is checked now, loaded for the loop
+    loads, seen_at_loop = [], {}
+    for name, loader in list(lean._loaders.items()):
+        lean._loaders[name] = lambda name=name, loader=loader: loads.append(name) or loader()
+    real_run = lean._run
+
+    def run(*args):
+        seen_at_loop.update(vae=lean._vae, speaker_encoder=lean._speaker_encoder)
+        return real_run(*args)
+    lean._run = run
+    a = kept.generate(mode="t2av", seed=3, progress=False, output=str(tmp_path / "kept.mp4"))
+    b = lean.generate(mode="t2av", seed=3, progress=False, output=str(tmp_path / "lean.mp4"))
+    assert seen_at_loop == dict(vae=None, speaker_encoder=None)  # the encoders were gone during the loop
+    assert loads == ["llm", "vae"]  # the SpeechLLM for the loop, the VAE again for the decode
+    assert lean._llm is None and lean._speaker_encoder is None  # dropped after the loop / the inputs
+    assert torch.equal(a.audio_24k, b.audio_24k) and torch.equal(a.motion_raw, b.motion_raw)
+    assert kept.release("llm") == ["llm"] and kept._llm is None  # release works on any loaded pipeline
+    c = kept.generate(mode="tts", seed=3, progress=False)  # ... and the next use loads it again
+    assert torch.equal(c.audio_24k, lean.generate(mode="tts", seed=3, progress=False).audio_24k)
+
+
+def test_demo_models_are_never_released():
+    pipe = TalkerPipeline.demo()
+    assert pipe.release("llm", "vae", "speaker_encoder", "generator") == [] and pipe.llm is not None
+
+
+def test_float32_weights_stay_views_of_the_mapped_file(release_dir, tiny_loaders, no_env):
+    from speech_llm import SpeechLLM
+
+    llm = SpeechLLM.from_pretrained(release_dir / "talker-t2av")
+    size = os.path.getsize(release_dir / "talker-t2av" / "model.safetensors")
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in llm.parameters()}
+    assert set(storages.values()) == {size}  # one storage: the file's mapping, no copies
+    assert len(storages) == 1
+
+
 def test_from_pretrained_tts_needs_no_liax_and_download_fills_the_gaps(release_dir, tiny_loaders, no_env,
                                                                        monkeypatch):
     import huggingface_hub
@@ -180,3 +225,33 @@ def test_tokenizer_from_llm_name_when_the_checkpoint_has_none(release_dir, demo_
         TalkerPipeline.from_pretrained(bare, llm_name=str(tmp_path / "nowhere"), **kwargs)
     pipe = TalkerPipeline.from_pretrained(bare, llm_name=str(release_dir / "talker-t2av"), **kwargs)
     assert pipe.tokenizer("abc")["input_ids"] == demo_pipe.tokenizer("abc")["input_ids"]
+
+
+def test_mmap_safetensors_reads_what_safetensors_reads_and_refuses_broken_files(tmp_path):
+    import json
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from safe_load import mmap_safetensors
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.randn(4).bfloat16(), "i": torch.arange(6).reshape(2, 3)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    mapped, read = mmap_safetensors(tmp_path / "a.safetensors"), load_file(str(tmp_path / "a.safetensors"))
+    assert all(torch.equal(mapped[k], read[k]) and mapped[k].dtype == read[k].dtype for k in read)
+
+    # another writer may leave a float32 tensor at an offset that is not a multiple of 4: copied, same values
+    w = torch.arange(6, dtype=torch.float32)
+    header = {"h": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+              "w": {"dtype": "F32", "shape": [6], "data_offsets": [6, 30]}}
+    blob = json.dumps(header).encode()
+    data = torch.ones(3, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes() + w.numpy().tobytes()
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    odd = mmap_safetensors(tmp_path / "odd.safetensors")
+    assert torch.equal(odd["w"], w) and torch.equal(odd["h"], torch.ones(3, dtype=torch.bfloat16))
+
+    (tmp_path / "short.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data[:20])  # truncated
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for name, needle in (("short", "is malformed"), ("junk", "bad header length")):
+        with pytest.raises(ValueError, match=f"{name}.safetensors: not a .*{needle}"):
+            mmap_safetensors(tmp_path / f"{name}.safetensors")
