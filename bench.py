@@ -46,15 +46,21 @@ def _llm_rows(model, device, label, max_seconds=None):
     ref_motion = torch.randn(124, 40, generator=g).to(device)
     speaker = torch.randn(1, 256, generator=g).to(device)
     from generation import Sampling
-    torch.manual_seed(0)
     never_stop = Sampling(stop_min_patches=10**6)
     run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop,  # noqa: E731
                                  max_seconds=max_seconds)
-    model.generate(ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
-    out, seconds = _timed(run, device)
-    return [dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop)",
-                 value=f"{seconds / out.n_patches * 1000:.1f} ms/patch",
-                 note=f"{out.n_patches * 0.16 / seconds:.2f}x real time")]
+    rows = []
+    # eager = the default off CUDA; static = the CUDA-graph loop's code without the capture
+    for backend in ("eager", "static") + (("cuda_graphs",) if device.type == "cuda" else ()):
+        model.loop_backend = backend
+        torch.manual_seed(0)
+        model.generate(ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
+        out, seconds = _timed(run, device)
+        rows.append(dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop), {backend}",
+                         value=f"{seconds / out.n_patches * 1000:.1f} ms/patch",
+                         note=f"{out.n_patches * 0.16 / seconds:.2f}x real time"))
+    model.loop_backend = "auto"
+    return rows
 
 
 def stage_llm_tiny(device, args):

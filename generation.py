@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
                        STOP_THRESHOLD)
+from loop_steps import loop_steps
 from prompt import Prompt, to_patches
 
 TASKS = ("t2av", "tts")
@@ -146,8 +146,8 @@ class PatchStream:
         speech_hist, motion_hist = list(p.speech_history), list(p.motion_history)
         forced = self._given_speech is not None or self._given_motion is not None
         self.stopped_by = "given_length" if forced else "length_cap"
-        cache = DynamicCache(config=m.llm.config)
-        h = m.backbone(p.prefill_embeds, cache)[:, -1]
+        steps = loop_steps(m, p.prefill_embeds.shape[1] + self.plan.max_steps)
+        h = steps.prefill(p.prefill_embeds)
         streak = 0
         for step in range(self.plan.max_steps):
             stop_prob = None
@@ -157,25 +157,23 @@ class PatchStream:
                 if streak >= s.stop_patience:
                     self.stopped_by = "stop_head"
                     return
-            speech = self._next_patch(self._given_speech, step, m.speech_cfm, h, speech_hist, p.speaker_emb)
+            speech = self._next_patch(steps, self._given_speech, step, m.speech_cfm, h, speech_hist, p.speaker_emb)
             speech_hist.append(speech)
             motion = None
             if p.task == "t2av" and step >= m.delay:
-                motion = self._next_patch(self._given_motion, step - m.delay, m.motion_cfm, h, motion_hist,
-                                          p.first_motion_norm)
+                motion = self._next_patch(steps, self._given_motion, step - m.delay, m.motion_cfm, h,
+                                          motion_hist, p.first_motion_norm)
                 motion_hist.append(motion)
             self.n_patches = step + 1
             yield Patch(step, speech, motion, stop_prob)
             if step + 1 < self.plan.max_steps:  # the state after the last possible patch is never used
-                h = m.backbone(m.patch_token(speech, motion, motion_pad=(p.task == "tts")), cache)[:, -1]
+                h = steps.advance(speech, motion, motion_pad=(p.task == "tts"))
 
-    def _next_patch(self, given, index, cfm, h, history, global_cond):
+    def _next_patch(self, steps, given, index, cfm, h, history, global_cond):
         """The given frames (teacher forcing) or a patch sampled by `cfm` from state h and the history."""
         if given is not None:
             return given[index]
-        m, s = self.model, self.sampling
-        cond = m.cfm_context(history, cfm.in_channels)
-        return m.sample_patch(cfm, h, cond, global_cond, s.cfm_steps, s.cfm_temperature, s.cfm_cfg)
+        return steps.sample(cfm, h, self.model.cfm_context(history, cfm.in_channels), global_cond, self.sampling)
 
 
 # ------------------------------------------------------------------------------------------ collecting

@@ -94,6 +94,9 @@ def add_model_options(ap: argparse.ArgumentParser):
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="backbone dtype (auto: bfloat16 on CUDA as the reference, float32 on CPU; bfloat16 on CPU: "
                         "backbone and heads in bf16, ~2x faster, small error)")
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="run each loop step as a captured CUDA graph over a preallocated KV cache (auto: on "
+                        "with CUDA; same numbers as off up to float rounding)")
     g.add_argument("--render-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="LIA-X decoder convolution dtype (bfloat16: ~2x faster on CPU, small error)")
     g.add_argument("--render-batch-size", type=int, default=None,
@@ -252,6 +255,9 @@ def load_pipeline(args, modes):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if args.cuda_graphs == "on" and not str(device).startswith("cuda"):
+        raise UserError(f"--cuda-graphs on needs a CUDA device (--device is {device})")
+    loop_backend = {"auto": "auto", "on": "cuda_graphs", "off": "eager"}[args.cuda_graphs]
     if str(device).startswith("cuda"):
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -263,16 +269,19 @@ def load_pipeline(args, modes):
             torch.set_num_threads(1)
         if rank == 0:
             print(RANDOM_WEIGHTS_BANNER, flush=True)
-        return TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
+        pipe = TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
                                    render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir,
                                    **({"dtype": _dtype(args.dtype)} if _dtype(args.dtype) else {}))
+        pipe.loop_backend = loop_backend
+        return pipe
     needs = sorted({c for m in modes for c in weights.needed_for(m)}, key=weights.COMPONENTS.index)
     return TalkerPipeline.from_pretrained(
         args.checkpoint_dir, args.whisperx_vae_ckpt, args.liax_ckpt, args.wavlm_ckpt,
         wavlm_backbone_ckpt=args.wavlm_backbone_ckpt, llm_name=args.llm_name, device=device,
         dtype=_dtype(args.dtype), render_dtype=render_dtype, render_batch_size=args.render_batch_size,
         needs=needs, download=args.download, wavlm_repo=args.wavlm_repo, wavlm_filename=args.wavlm_filename,
-        low_memory=not args.batch_file)  # one request: each model is dropped once it is done
+        low_memory=not args.batch_file,  # one request: each model is dropped once it is done
+        loop_backend=loop_backend)
 
 
 def _report(kind: str, text: str) -> None:

@@ -527,6 +527,16 @@ def _check_finite(a: Assembled) -> None:
 
 # ------------------------------------------------------------------------------------------ pipeline
 
+# what low_memory drops when a stage is done: the next stage reloads what it needs (memory-mapped: seconds)
+LOW_MEMORY_RELEASES = {
+    "audio": ("speaker_encoder", "vae"),  # the LIA-X encoder runs next (reference or video motion)
+    "inputs": ("speaker_encoder", "vae", "generator"),  # the loop runs next, alone
+    "stream_inputs": ("speaker_encoder",),  # a stream decodes and renders while its loop runs
+    "loop": ("llm",),  # the VAE decoder runs next
+    "decode": ("vae",),  # the renderer runs next
+}
+
+
 def _model_slot(name: str, doc: str):
     """A pipeline model that may be dropped (TalkerPipeline.release) and is then loaded again on first use."""
     def get(self):
@@ -550,10 +560,12 @@ class TalkerPipeline:
 
     def __init__(self, speech_llm, tokenizer, whisperx_vae, speaker_encoder, generator=None, *,
                  liax_ckpt=None, device="cpu", render_dtype=torch.float32, render_batch_size=None,
-                 is_demo=False, model_args=None, loaders=None, low_memory: bool = False):
+                 is_demo=False, model_args=None, loaders=None, low_memory: bool = False,
+                 loop_backend: str = "auto"):
         """`loaders` {name: () -> model} reload a model dropped by release() (from_pretrained sets them; a
         model given as None with a loader is loaded on first use). `low_memory`: generate() drops each model
-        once the request no longer needs it (the CLI's single runs: peak memory = the largest stage)."""
+        once the request no longer needs it (the CLI's single runs: peak memory = the largest stage).
+        `loop_backend`: how the loop's steps run (loop_steps.BACKENDS; auto: CUDA graphs on CUDA)."""
         self._llm, self._vae, self._speaker_encoder = speech_llm, whisperx_vae, speaker_encoder
         self._generator = generator
         self.model_args = model_args if model_args is not None else speech_llm.model_args
@@ -567,6 +579,20 @@ class TalkerPipeline:
         self._loaders = dict(loaders or {})
         self.load_seconds = 0.0
         self._encodings = {}  # (kind, content digest, ...) -> encoder outputs, reused within this pipeline's run
+        self.loop_backend = loop_backend
+
+    @property
+    def loop_backend(self) -> str:
+        return self._loop_backend
+
+    @loop_backend.setter
+    def loop_backend(self, name: str) -> None:
+        import loop_steps
+
+        loop_steps.resolve_backend(name, self.device)  # refuses cuda_graphs off CUDA now, not mid-request
+        self._loop_backend = name
+        if self._llm is not None:
+            self._llm.loop_backend = name
 
     def _load(self, name: str):
         import weights
@@ -584,6 +610,8 @@ class TalkerPipeline:
         t0 = time.perf_counter()
         model = loader()
         self.load_seconds += time.perf_counter() - t0
+        if name == "llm":
+            model.loop_backend = self.loop_backend
         return model
 
     def release(self, *names: str) -> list:
@@ -598,10 +626,10 @@ class TalkerPipeline:
         return dropped
 
     def _stage_done(self, stage: str) -> None:
-        """low_memory: drop what the rest of a single request does not need ('inputs': the encoders, the VAE
-        coming back for the decode; 'loop': the SpeechLLM)."""
+        """low_memory: drop what the next stage of a single request does not use (LOW_MEMORY_RELEASES), so
+        that one large model family is resident at a time."""
         if self.low_memory:
-            self.release(*{"inputs": ("speaker_encoder", "vae"), "loop": ("llm",)}[stage])
+            self.release(*LOW_MEMORY_RELEASES[stage])
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -609,7 +637,7 @@ class TalkerPipeline:
                         wavlm_backbone_ckpt=None, llm_name: Optional[str] = "Qwen/Qwen3-0.6B", device=None,
                         dtype=None, render_dtype=torch.float32, render_batch_size=None, needs=None,
                         download=False, wavlm_repo=None, wavlm_filename=None,
-                        low_memory: bool = False) -> "TalkerPipeline":
+                        low_memory: bool = False, loop_backend: str = "auto") -> "TalkerPipeline":
         """Load the released weights. Paths default to weights.locate() (env vars CHECKPOINT_DIR,
         WHISPERVAE_CKPT, LIAX_CKPT, WAVLM_CKPT, then the hub cache); download=True fetches what is missing.
 
@@ -657,13 +685,13 @@ class TalkerPipeline:
         pipe = cls(llm, tokenizer, load_vae(), load_speaker_encoder(), None, liax_ckpt=paths.liax, device=device,
                    render_dtype=render_dtype, render_batch_size=render_batch_size, model_args=model_args,
                    loaders=dict(llm=load_llm, vae=load_vae, speaker_encoder=load_speaker_encoder),
-                   low_memory=low_memory)
+                   low_memory=low_memory, loop_backend=loop_backend)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
     @classmethod
     def demo(cls, device="cpu", seed: int = 0, render_dtype=torch.float32, render_batch_size=None,
-             checkpoint_dir=None, dtype=None) -> "TalkerPipeline":
+             checkpoint_dir=None, dtype=None, loop_backend: str = "auto") -> "TalkerPipeline":
         """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
         checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
         in place of the random one (with its tokenizer when the folder has one)."""
@@ -692,7 +720,8 @@ class TalkerPipeline:
             lia_x.cast_conv_weights(gen, render_dtype)
         device = torch.device(device)
         pipe = cls(llm.to(device), tokenizer, vae.to(device), spk.to(device), gen.to(device), device=device,
-                   render_dtype=render_dtype, render_batch_size=render_batch_size, is_demo=True)
+                   render_dtype=render_dtype, render_batch_size=render_batch_size, is_demo=True,
+                   loop_backend=loop_backend)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -728,6 +757,7 @@ class TalkerPipeline:
 
         key = ("motion", _digest(torch.from_numpy(np.ascontiguousarray(frames_u8))))
         if key not in self._encodings:
+            self._stage_done("audio")
             with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
                 self._encodings[key] = liax_render.extract_motion(self.generator, frames_u8, progress=update)
         return self._encodings[key].clone()
@@ -809,6 +839,7 @@ class TalkerPipeline:
             if req.trim_prefix and assembled.prefix_frames:
                 assembled = _trim_prefix(assembled)
             _check_finite(assembled)
+        self._stage_done("decode")
         result = GenerationResult(
             mode=req.mode, text=req.text, seed=req.seed, audio_24k=assembled.audio_24k,
             speech_latents=assembled.speech_latents, motion_raw=assembled.motion_raw,

@@ -214,6 +214,7 @@ class SpeechLLM(nn.Module):
         self.delay = model_args.delay
         self.motion_cfm_weight = model_args.motion_cfm_weight
         self.context_patches = model_args.context_patches
+        self.loop_backend = "auto"  # loop_steps.BACKENDS: how the loop's steps run (auto: CUDA graphs on CUDA)
         self.cfm_k_repeat = model_args.cfm_k_repeat
 
         # parameter registration order = key order of the released checkpoint
@@ -258,7 +259,9 @@ class SpeechLLM(nn.Module):
         """The backbone side runs under bf16 autocast on CUDA (as the reference). On CPU: float32, or bf16
         autocast over bf16 weights when the model was cast to bf16 (opt-in; inputs stay float32)."""
         if self.device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            # no weight-cast cache: each weight is cast once per call anyway, and a CUDA graph must not
+            # keep a cast the context frees on exit
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=False)
         return _cpu_autocast(self.backbone_dtype)
 
     def _fp32(self):

@@ -127,7 +127,7 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
     pipe.load_seconds = 0.0
     with _timed(timings, "inputs"):
         inputs, plan, windows = pipe._inputs(req, progress)
-        pipe._stage_done("inputs")
+        pipe._stage_done("stream_inputs")
         single = windows is None
         if single:
             n_given = _given_frames(inputs)

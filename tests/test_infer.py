@@ -225,6 +225,7 @@ def test_bad_inputs_one_line_and_nonzero_exit(tmp_path, capsys):
         ("batch size", ["--batch-file", str(REPO / "samples" / "prompts.jsonl"), "--batch-size", "0"],
          "--batch-size"),
         ("stream every", ["--stream", "--stream-every", "0"], "--stream-every"),
+        ("graphs on cpu", ["--device", "cpu", "--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device"),
     ]
     for name, argv, needle in cases:
         if name == "mode":

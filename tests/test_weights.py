@@ -142,24 +142,37 @@ def _from_release(release_dir, **kwargs):
 
 
 def test_low_memory_drops_each_model_when_its_stage_is_done_and_changes_nothing(release_dir, tiny_loaders, no_env,
-                                                                                 tmp_path):
+                                                                                 tmp_path, monkeypatch):
+    from lia_x import render as liax_render
+
     kept = _from_release(release_dir)
     lean = _from_release(release_dir, low_memory=True)
     assert lean._llm is None and lean._vae is not None  # the SpeechLLM is checked now, loaded for the loop
-    loads, seen_at_loop = [], {}
-    for name, loader in list(lean._loaders.items()):
-        lean._loaders[name] = lambda name=name, loader=loader: loads.append(name) or loader()
-    real_run = lean._run
+    loads, resident = [], {}
+    real_load, real_run, real_render = lean._load, lean._run, liax_render.render_frames
+    lean._load = lambda name: loads.append(name) or real_load(name)
+
+    def snapshot(stage):
+        resident[stage] = sorted(n for n in ("llm", "vae", "speaker_encoder", "generator")
+                                 if getattr(lean, "_" + n) is not None)
 
     def run(*args):
-        seen_at_loop.update(vae=lean._vae, speaker_encoder=lean._speaker_encoder)
+        snapshot("loop")
         return real_run(*args)
+
+    def render(*args, **kwargs):
+        if lean._generator is args[0]:
+            snapshot("render")
+        return real_render(*args, **kwargs)
     lean._run = run
+    monkeypatch.setattr(liax_render, "render_frames", render)
     a = kept.generate(mode="t2av", seed=3, progress=False, output=str(tmp_path / "kept.mp4"))
     b = lean.generate(mode="t2av", seed=3, progress=False, output=str(tmp_path / "lean.mp4"))
-    assert seen_at_loop == dict(vae=None, speaker_encoder=None)  # the encoders were gone during the loop
-    assert loads == ["llm", "vae"]  # the SpeechLLM for the loop, the VAE again for the decode
-    assert lean._llm is None and lean._speaker_encoder is None  # dropped after the loop / the inputs
+    # one model family resident at a time: nothing else when the loop starts (its SpeechLLM loads as it
+    # does), the renderer alone when the frames are rendered
+    assert resident == dict(loop=[], render=["generator"])
+    # LIA-X for the reference motion, the SpeechLLM for the loop, the VAE again for the decode, LIA-X again
+    assert loads == ["generator", "llm", "vae", "generator"]
     assert torch.equal(a.audio_24k, b.audio_24k) and torch.equal(a.motion_raw, b.motion_raw)
     assert kept.release("llm") == ["llm"] and kept._llm is None  # release works on any loaded pipeline
     c = kept.generate(mode="tts", seed=3, progress=False)  # ... and the next use loads it again
