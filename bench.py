@@ -327,7 +327,9 @@ def stage_t2av_rss(device, args):
         t0 = time.perf_counter()
         flags = write_release_files(tmp)
         written = time.perf_counter() - t0
-        request = ["--mode", "t2av", "--text", "Memory check.", "--max-seconds", str(args.llm_seconds or 0.16),
+        seconds = args.llm_seconds or 0.16
+        what = f"load + encode + {round(seconds / 0.16)} patch(es) + decode + {round(seconds * 25)} frames (float32)"
+        request = ["--mode", "t2av", "--text", "Memory check.", "--max-seconds", str(seconds),
                    "--gt-prefix-seconds", "0.16", "--trim-prefix", "--device", str(device)]
         weight_flags = [x for kv in flags.items() for x in kv]
         infer = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "infer.py")]
@@ -338,7 +340,7 @@ def stage_t2av_rss(device, args):
         for label, extra in runs:
             peak, wall = _child_peak_rss_gib(infer + weight_flags + request + extra)
             rows.append(dict(stage="t2av (full)", what=f"infer.py peak RSS, {label}", value=f"{peak:.2f} GiB",
-                             note=f"wall {wall:.0f} s: load + encode + 1 patch + decode + 4 frames (float32)"))
+                             note=f"wall {wall:.0f} s: {what}"))
     rows.append(dict(stage="t2av (full)", what="writing the random release files", value=f"{written:.0f} s",
                      note="not part of a run"))
     for r in rows:

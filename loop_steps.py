@@ -45,9 +45,9 @@ def loop_steps(model, max_tokens: int, backend: Optional[str] = None):
 
 
 class EagerSteps:
-    def __init__(self, model):
+    def __init__(self, model, cache=None):
         self.model = model
-        self.cache = DynamicCache(config=model.llm.config)
+        self.cache = cache if cache is not None else DynamicCache(config=model.llm.config)
 
     def prefill(self, embeds_bld) -> torch.Tensor:
         return self.model.backbone(embeds_bld, self.cache)[:, -1]
@@ -61,18 +61,14 @@ class EagerSteps:
                                        sampling.cfm_cfg)
 
 
-class StaticSteps:
-    """Fixed-shape steps over a preallocated KV cache; `capture`: as CUDA graphs (one per kind of step)."""
+class StaticSteps(EagerSteps):
+    """Fixed-shape steps over a preallocated KV cache; `capture`: as CUDA graphs (one per kind of step).
+    The prefill runs eagerly (it also allocates the cache tensors)."""
 
     def __init__(self, model, max_tokens: int, capture: bool):
-        self.model = model
-        self.cache = StaticCache(config=model.llm.config, max_cache_len=int(max_tokens))
-        self.capture = capture
+        super().__init__(model, StaticCache(config=model.llm.config, max_cache_len=int(max_tokens)))
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.calls: dict = {}
-
-    def prefill(self, embeds_bld) -> torch.Tensor:
-        return self.model.backbone(embeds_bld, self.cache)[:, -1]  # eager; allocates the cache tensors
 
     def advance(self, speech_pc, motion_pc, motion_pad: bool) -> torch.Tensor:
         m = self.model
@@ -82,7 +78,7 @@ class StaticSteps:
 
         inputs = (speech_pc,) if motion_pc is None else (speech_pc, motion_pc)
         key = ("advance", motion_pc is not None, motion_pad)
-        return self._call(key, step, inputs, undo=self._cache_position_undo())
+        return self._call(key, step, inputs, checkpoint=self._cache_position_undo)
 
     def sample(self, cfm, h, cond, global_cond, sampling) -> torch.Tensor:
         m, s = self.model, sampling
@@ -99,27 +95,28 @@ class StaticSteps:
         lengths = [(layer, layer.cumulative_length.clone()) for layer in self.cache.layers]
         return lambda: [layer.cumulative_length.copy_(n) for layer, n in lengths]
 
-    def _call(self, key, fn, inputs, undo=None) -> torch.Tensor:
+    def _call(self, key, fn, inputs, checkpoint=None) -> torch.Tensor:
         call = self.calls.get(key)
         if call is None:
-            call = self.calls[key] = StaticCall(fn, self.pool if self.capture else None)
-        return call(inputs, undo)
+            call = self.calls[key] = StaticCall(fn, self.pool, checkpoint)
+        return call(inputs)
 
 
 class StaticCall:
     """fn over input buffers that keep their addresses. With a graph pool, the first call warms up once,
-    captures a CUDA graph and replays it; later calls copy their inputs in and replay. If the capture
+    captures a CUDA graph and replays it; later calls copy their inputs in and replay. `checkpoint()`
+    returns a function that undoes the warm-up's side effects (called at capture only). If the capture
     fails, a warning says why and the call runs eagerly on the same buffers from then on."""
 
-    def __init__(self, fn, pool=None):
-        self.fn, self.pool = fn, pool
+    def __init__(self, fn, pool=None, checkpoint=None):
+        self.fn, self.pool, self.checkpoint = fn, pool, checkpoint
         self.buffers, self.graph, self.output = None, None, None
 
-    def __call__(self, inputs, undo=None) -> torch.Tensor:
+    def __call__(self, inputs) -> torch.Tensor:
         if self.buffers is None:
             self.buffers = [x.detach().clone() for x in inputs]
             if self.pool is not None:
-                self._capture(undo)
+                self._capture()
         else:
             for buffer, x in zip(self.buffers, inputs):
                 buffer.copy_(x)
@@ -128,7 +125,8 @@ class StaticCall:
         self.graph.replay()
         return self.output.clone()
 
-    def _capture(self, undo) -> None:
+    def _capture(self) -> None:
+        undo = self.checkpoint() if self.checkpoint is not None else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS handles, autocast casts)

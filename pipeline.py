@@ -36,6 +36,7 @@ from atomic import atomic_outputs
 from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, PATCH_SIZE,
                        SAMPLES_PER_FRAME)
 import longform
+import loop_steps
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
@@ -587,8 +588,6 @@ class TalkerPipeline:
 
     @loop_backend.setter
     def loop_backend(self, name: str) -> None:
-        import loop_steps
-
         loop_steps.resolve_backend(name, self.device)  # refuses cuda_graphs off CUDA now, not mid-request
         self._loop_backend = name
         if self._llm is not None:

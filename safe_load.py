@@ -87,7 +87,7 @@ def mmap_safetensors(path) -> dict:
     for name, info in header.items():
         dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
         start, end = info["data_offsets"]
-        offset, itemsize = data_start + start, torch.empty(0, dtype=dtype).element_size()
+        offset, itemsize = data_start + start, dtype.itemsize
         if offset % itemsize == 0:
             t = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
         else:

@@ -606,6 +606,13 @@ class SpeechLLM(nn.Module):
         """(ModelArguments, Qwen3Config) of a release-format folder after checking its configs and the
         names and shapes in model.safetensors' header against the model's, without reading any weight.
         FileNotFoundError / ValueError naming the file otherwise."""
+        model = cls._checked_meta_model(checkpoint_dir, attn_implementation)
+        return model.model_args, model.config
+
+    @classmethod
+    def _checked_meta_model(cls, checkpoint_dir, attn_implementation: str) -> "SpeechLLM":
+        """The model on the meta device, built from the folder's configs once its weight file's header
+        matches it (check_pretrained)."""
         folder = str(checkpoint_dir)
         weights = os.path.join(folder, WEIGHTS_NAME)
         if not os.path.isfile(weights):
@@ -618,7 +625,7 @@ class SpeechLLM(nn.Module):
         report = key_report(model._checkpoint_shapes(), found, ignore=TIED_KEYS)
         if not report.ok():
             raise ValueError(f"{weights}: {report.message('SpeechLLM')}")
-        return model_args, llm_config
+        return model
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, device="cpu", llm_dtype: Optional[torch.dtype] = None,
@@ -631,13 +638,11 @@ class SpeechLLM(nn.Module):
         as the reference, float32 on CPU); every other module is float32. On CPU, weights already in
         their compute dtype stay views of the memory-mapped file (safe_load.mmap_safetensors).
         """
-        model_args, llm_config = cls.check_pretrained(checkpoint_dir, attn_implementation)
+        model = cls._checked_meta_model(checkpoint_dir, attn_implementation)
         weights = os.path.join(str(checkpoint_dir), WEIGHTS_NAME)
         device = torch.device(device)
         if llm_dtype is None:
             llm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        with torch.device("meta"):
-            model = cls(model_args, llm_config)
         tied = model.config.tie_word_embeddings
         state = {k: _loaded_tensor(t, llm_dtype if k.startswith("llm.") else torch.float32, device)
                  for k, t in mmap_safetensors(weights).items()
