@@ -58,6 +58,7 @@ def run_batched(model, items: List[BatchItem]) -> List[GenerationOutput]:
     dev, task = model.device, items[0].prompt.task
     rows = [_Row(it, dev) for it in items]
     live = list(range(len(rows)))
+    model.prepare_loop_kernels()
     cache = DynamicCache(config=model.llm.config)
     h, mask = _prefill(model, [it.prompt.prefill_embeds for it in items], cache)
     step = 0

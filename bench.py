@@ -38,7 +38,7 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def _llm_rows(model, device, label, max_seconds=None):
+def _llm_rows(model, device, label, max_seconds=None, variants=None):
     import torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.llm.config.vocab_size - 1, (1, 40), generator=g).to(device)
@@ -50,17 +50,28 @@ def _llm_rows(model, device, label, max_seconds=None):
     run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop,  # noqa: E731
                                  max_seconds=max_seconds)
     rows = []
-    # eager = the default off CUDA; static = the CUDA-graph loop's code without the capture
-    for backend in ("eager", "static") + (("cuda_graphs",) if device.type == "cuda" else ()):
-        model.loop_backend = backend
+    for backend, packed in variants or _loop_variants(device):
+        model.loop_backend, model.packed_linear = backend, packed
         torch.manual_seed(0)
         model.generate(ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
         out, seconds = _timed(run, device)
-        rows.append(dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop), {backend}",
+        kernels = f", packed linear {packed}" if device.type == "cpu" else ""
+        rows.append(dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop), {backend}{kernels}",
                          value=f"{seconds / out.n_patches * 1000:.1f} ms/patch",
                          note=f"{out.n_patches * 0.16 / seconds:.2f}x real time"))
-    model.loop_backend = "auto"
+    model.loop_backend, model.packed_linear = "auto", "auto"
     return rows
+
+
+def _loop_variants(device):
+    """(loop backend, packed linear) pairs timed, the default first. static = the CUDA-graph loop's code without
+    the capture; packed linear off = plain F.linear (the CPU loop before packed weights)."""
+    import packed_linear
+    if device.type == "cuda":
+        return [("cuda_graphs", "off"), ("eager", "off"), ("static", "off")]
+    if not packed_linear.available():
+        return [("eager", "off"), ("static", "off")]
+    return [("eager", "on"), ("eager", "off"), ("static", "on")]
 
 
 def stage_llm_tiny(device, args):
@@ -92,30 +103,35 @@ PROBE_POOL_BYTES = 256 << 20  # the probe streams this much fp32 weight per pass
 
 
 def gemm_peak(m, k, n, dtype, device, repeats=3):
-    """GFLOP/s of y = x W^T, x (m, k), W (n, k), on this machine at this dtype, cycling through enough distinct
-    weights that they stream from memory as the model's weights do (a cached weight overstates small m)."""
+    """(GFLOP/s, kernel) of y = x W^T, x (m, k), W (n, k), on this machine at this dtype: the faster of F.linear
+    and (on CPU) oneDNN with packed weights, cycling through enough distinct weights that they stream from
+    memory as the model's weights do (a cached weight overstates small m)."""
     import torch
+    import packed_linear
     n_weights = max(2, PROBE_POOL_BYTES // (n * k * 4))
     ws = [torch.randn(n, k, device=device).to(dtype) for _ in range(n_weights)]
     x = torch.randn(m, k, device=device).to(dtype)
-    for w in ws[:2]:
-        torch.nn.functional.linear(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for w in ws:
-            torch.nn.functional.linear(x, w)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n * n_weights / best / 1e9
+    kernels = {"F.linear": lambda: [torch.nn.functional.linear(x, w) for w in ws]}
+    if device.type == "cpu" and packed_linear.available():
+        packed = [packed_linear.pack(w, m) for w in ws]
+        kernels["packed"] = lambda: [packed_linear.packed_linear(x, p) for p in packed]
+    rates = {name: 2 * m * k * n * n_weights / _best_time(run, device, repeats) / 1e9 for name, run in kernels.items()}
+    best = max(rates, key=rates.get)
+    return rates[best], best
 
 
-def _flops(fn):
+def _flops(fn, model=None):
+    """FLOPs of fn() as torch.utils.flop_counter counts them. It counts aten's matmuls, not oneDNN's packed
+    linears: `model`'s packed layers are turned back into nn.Linear for the count and packed again after."""
+    import packed_linear
     from torch.utils.flop_counter import FlopCounterMode
+    if model is not None:
+        packed_linear.uninstall(model)
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
+    if model is not None:
+        model.prepare_loop_kernels()
     return counter.get_total_flops()
 
 
@@ -124,13 +140,14 @@ def _best_time(fn, device, repeats):
     return min(_timed(fn, device)[1] for _ in range(repeats))
 
 
-def _roof_row(stage, what, seconds, flops, peak, shape):
+def _roof_row(stage, what, seconds, flops, peak_kernel, shape):
+    peak, kernel = peak_kernel
     floor = flops / (peak * 1e9)
     return dict(stage=stage, what=what, value=f"{seconds * 1000:.1f} ms",
                 note=f"{flops / 1e9:.2f} GFLOP, {flops / seconds / 1e9:.0f} GFLOP/s; peak {peak:.0f} GFLOP/s at "
-                     f"{shape} -> {100 * floor / seconds:.0f} % of floor ({floor * 1000:.1f} ms)",
+                     f"{shape} ({kernel}) -> {100 * floor / seconds:.0f} % of floor ({floor * 1000:.1f} ms)",
                 ms=seconds * 1000, gflop=flops / 1e9, gflops=flops / seconds / 1e9, peak_gflops=peak,
-                floor_ms=floor * 1000, pct_of_floor=100 * floor / seconds)
+                peak_kernel=kernel, floor_ms=floor * 1000, pct_of_floor=100 * floor / seconds)
 
 
 def roofline_rows(model, device, dtype, repeats=3, n_cache=120):
@@ -144,6 +161,7 @@ def roofline_rows(model, device, dtype, repeats=3, n_cache=120):
     width = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     rows = []
+    model.prepare_loop_kernels()  # the parts run on the loop's own kernels (packed linears on CPU)
     with torch.no_grad():
         cache = DynamicCache(config=model.llm.config)
         model.backbone(torch.randn(1, n_cache, width, generator=g).to(device, model.backbone_dtype), cache)
@@ -152,7 +170,7 @@ def roofline_rows(model, device, dtype, repeats=3, n_cache=120):
         inter = model.config.intermediate_size
         peak = gemm_peak(1, width, inter, model.backbone_dtype, device)
         rows.append(_roof_row(label, f"backbone step (1 token, ~{n_cache} cached)", _best_time(step, device, repeats),
-                              _flops(step), peak, f"1x{width}x{inter}"))
+                              _flops(step, model), peak, f"1x{width}x{inter}"))
         h = torch.randn(1, width, generator=g).to(device)
         pt = model.patch_size
         heads = (("speech", model.speech_cfm, model.model_args.speaker_embedding_dim),
@@ -171,26 +189,29 @@ def roofline_rows(model, device, dtype, repeats=3, n_cache=120):
             mlp = int(8 * hd / 3)
             peak = gemm_peak(n_rows, hd, mlp, hdt, device)
             rows.append(_roof_row(label, f"{head} head, one Euler step (CFG pair batched)",
-                                  _best_time(euler, device, repeats), _flops(euler), peak, f"{n_rows}x{hd}x{mlp}"))
+                                  _best_time(euler, device, repeats), _flops(euler, model), peak, f"{n_rows}x{hd}x{mlp}"))
             s = Sampling()
             patch = lambda: model.sample_patch(cfm, h, cond[:1].float(), gc[:1].float(), s.cfm_steps,  # noqa: E731
                                                s.cfm_temperature, s.cfm_cfg)
             rows.append(_roof_row(label, f"{head} head, one patch ({s.cfm_steps} Euler steps)",
-                                  _best_time(patch, device, repeats), _flops(patch), peak, f"{n_rows}x{hd}x{mlp}"))
+                                  _best_time(patch, device, repeats), _flops(patch, model), peak, f"{n_rows}x{hd}x{mlp}"))
     return rows
 
 
-def _loop_row(model, device, label, rows, args):
-    """The whole loop per patch, with its floor = the sum of its parts' floors."""
-    loop = _llm_rows(model, device, label, args.llm_seconds)[0]
-    seconds = float(loop["value"].split()[0]) / 1000
+def _loop_rows(model, device, label, rows, args):
+    """The whole eager loop per patch, with its floor = the sum of its parts' floors; on CPU with and without
+    the packed linears (before/after)."""
+    variants = [v for v in _loop_variants(device) if v[0] != "static"]
+    loops = _llm_rows(model, device, label, args.llm_seconds, variants)
     per_patch = [r for r in rows if "patch (" in r["what"] or "backbone" in r["what"]]
     floor_ms = sum(r["floor_ms"] for r in per_patch)
     gflop = sum(r["gflop"] for r in per_patch)
-    loop.update(note=loop["note"] + f"; {gflop:.1f} GFLOP/patch, floor {floor_ms:.0f} ms/patch -> "
-                                    f"{100 * floor_ms / 1000 / seconds:.0f} % of floor",
-                ms=seconds * 1000, gflop=gflop, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / 1000 / seconds)
-    return loop
+    for loop in loops:
+        seconds = float(loop["value"].split()[0]) / 1000
+        loop.update(note=loop["note"] + f"; {gflop:.1f} GFLOP/patch, floor {floor_ms:.0f} ms/patch -> "
+                                        f"{100 * floor_ms / 1000 / seconds:.0f} % of floor",
+                    ms=seconds * 1000, gflop=gflop, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / 1000 / seconds)
+    return loops
 
 
 def liax_flop_rows(device, dtype):
@@ -204,12 +225,12 @@ def liax_flop_rows(device, dtype):
         z, feats = gen.enc.enc_2r(torch.zeros(1, 3, size, size))
         flops = _flops(lambda: gen.dec(z, None, feats))
         enc_flops = _flops(lambda: gen.enc.enc_2r(torch.zeros(1, 3, size, size)))
-    peak = gemm_peak(1024, 1024, 1024, dtype, device)
+    peak, kernel = gemm_peak(1024, 1024, 1024, dtype, device)
     floor = flops / (peak * 1e9)
     name = str(dtype).replace("torch.", "")
     return [dict(stage=f"roofline {name}", what=f"LIA-X render, one {size}x{size} frame (decoder)",
                  value=f"{flops / 1e9:.0f} GFLOP",
-                 note=f"floor {floor:.2f} s/frame at {peak:.0f} GFLOP/s (1024^3 GEMM); encoder pass "
+                 note=f"floor {floor:.2f} s/frame at {peak:.0f} GFLOP/s (1024^3 GEMM, {kernel}); encoder pass "
                       f"{enc_flops / 1e9:.0f} GFLOP (once per face, and per frame of extracted motion)",
                  gflop=flops / 1e9, peak_gflops=peak, floor_ms=floor * 1000)]
 
@@ -224,7 +245,7 @@ def stage_roofline(device, args):
         dtype = getattr(torch, name)
         model = base.to(device=device, dtype=dtype)
         parts = roofline_rows(model, device, dtype)
-        rows += parts + [_loop_row(model, device, f"roofline {name}", parts, args)]
+        rows += parts + _loop_rows(model, device, f"roofline {name}", parts, args)
         rows += liax_flop_rows(device, dtype)
     return rows
 

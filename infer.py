@@ -97,6 +97,10 @@ def add_model_options(ap: argparse.ArgumentParser):
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="run each loop step as a captured CUDA graph over a preallocated KV cache (auto: on "
                         "with CUDA; same numbers as off up to float rounding)")
+    g.add_argument("--packed-linear", choices=("auto", "on", "off"), default="auto",
+                   help="CPU: the loop's linear layers through oneDNN with their weights packed once (auto: on "
+                        "with CPU; same numbers as off up to float rounding; a packed copy of the loop's weights, "
+                        "+2.7 GiB at full size in float32; the gain depends on the CPU, see the README)")
     g.add_argument("--render-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="LIA-X decoder convolution dtype (bfloat16: ~2x faster on CPU, small error)")
     g.add_argument("--render-batch-size", type=int, default=None,
@@ -258,6 +262,12 @@ def load_pipeline(args, modes):
     if args.cuda_graphs == "on" and not str(device).startswith("cuda"):
         raise UserError(f"--cuda-graphs on needs a CUDA device (--device is {device})")
     loop_backend = {"auto": "auto", "on": "cuda_graphs", "off": "eager"}[args.cuda_graphs]
+    if args.packed_linear == "on":
+        import packed_linear
+        try:
+            packed_linear.resolve("on", torch.device(device))
+        except ValueError as e:
+            raise UserError(f"--packed-linear on: {e}") from None
     if str(device).startswith("cuda"):
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -272,7 +282,7 @@ def load_pipeline(args, modes):
         pipe = TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
                                    render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir,
                                    **({"dtype": _dtype(args.dtype)} if _dtype(args.dtype) else {}))
-        pipe.loop_backend = loop_backend
+        pipe.loop_backend, pipe.packed_linear = loop_backend, args.packed_linear
         return pipe
     needs = sorted({c for m in modes for c in weights.needed_for(m)}, key=weights.COMPONENTS.index)
     return TalkerPipeline.from_pretrained(
@@ -281,7 +291,7 @@ def load_pipeline(args, modes):
         dtype=_dtype(args.dtype), render_dtype=render_dtype, render_batch_size=args.render_batch_size,
         needs=needs, download=args.download, wavlm_repo=args.wavlm_repo, wavlm_filename=args.wavlm_filename,
         low_memory=not args.batch_file,  # one request: each model is dropped once it is done
-        loop_backend=loop_backend)
+        loop_backend=loop_backend, packed_linear=args.packed_linear)
 
 
 def _report(kind: str, text: str) -> None:

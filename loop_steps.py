@@ -39,6 +39,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def loop_steps(model, max_tokens: int, backend: Optional[str] = None):
     """The step runner for one run of the loop: max_tokens = prefill tokens + patch steps."""
     backend = resolve_backend(backend or getattr(model, "loop_backend", "auto"), model.device)
+    model.prepare_loop_kernels()
     if backend == "eager":
         return EagerSteps(model)
     return StaticSteps(model, max_tokens, capture=backend == "cuda_graphs")

@@ -37,6 +37,7 @@ from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECO
                        SAMPLES_PER_FRAME)
 import longform
 import loop_steps
+import packed_linear
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
@@ -562,11 +563,13 @@ class TalkerPipeline:
     def __init__(self, speech_llm, tokenizer, whisperx_vae, speaker_encoder, generator=None, *,
                  liax_ckpt=None, device="cpu", render_dtype=torch.float32, render_batch_size=None,
                  is_demo=False, model_args=None, loaders=None, low_memory: bool = False,
-                 loop_backend: str = "auto"):
+                 loop_backend: str = "auto", packed_linear: str = "auto"):
         """`loaders` {name: () -> model} reload a model dropped by release() (from_pretrained sets them; a
         model given as None with a loader is loaded on first use). `low_memory`: generate() drops each model
         once the request no longer needs it (the CLI's single runs: peak memory = the largest stage).
-        `loop_backend`: how the loop's steps run (loop_steps.BACKENDS; auto: CUDA graphs on CUDA)."""
+        `loop_backend`: how the loop's steps run (loop_steps.BACKENDS; auto: CUDA graphs on CUDA).
+        `packed_linear`: the loop's linears through oneDNN with packed weights (packed_linear.MODES; auto: on
+        CPU)."""
         self._llm, self._vae, self._speaker_encoder = speech_llm, whisperx_vae, speaker_encoder
         self._generator = generator
         self.model_args = model_args if model_args is not None else speech_llm.model_args
@@ -581,6 +584,7 @@ class TalkerPipeline:
         self.load_seconds = 0.0
         self._encodings = {}  # (kind, content digest, ...) -> encoder outputs, reused within this pipeline's run
         self.loop_backend = loop_backend
+        self.packed_linear = packed_linear
 
     @property
     def loop_backend(self) -> str:
@@ -592,6 +596,17 @@ class TalkerPipeline:
         self._loop_backend = name
         if self._llm is not None:
             self._llm.loop_backend = name
+
+    @property
+    def packed_linear(self) -> str:
+        return self._packed_linear
+
+    @packed_linear.setter
+    def packed_linear(self, mode: str) -> None:
+        packed_linear.resolve(mode, self.device)  # refuses 'on' where oneDNN cannot run, before any loading
+        self._packed_linear = mode
+        if self._llm is not None:
+            self._llm.packed_linear = mode
 
     def _load(self, name: str):
         import weights
@@ -610,7 +625,7 @@ class TalkerPipeline:
         model = loader()
         self.load_seconds += time.perf_counter() - t0
         if name == "llm":
-            model.loop_backend = self.loop_backend
+            model.loop_backend, model.packed_linear = self.loop_backend, self.packed_linear
         return model
 
     def release(self, *names: str) -> list:
@@ -636,7 +651,8 @@ class TalkerPipeline:
                         wavlm_backbone_ckpt=None, llm_name: Optional[str] = "Qwen/Qwen3-0.6B", device=None,
                         dtype=None, render_dtype=torch.float32, render_batch_size=None, needs=None,
                         download=False, wavlm_repo=None, wavlm_filename=None,
-                        low_memory: bool = False, loop_backend: str = "auto") -> "TalkerPipeline":
+                        low_memory: bool = False, loop_backend: str = "auto",
+                        packed_linear: str = "auto") -> "TalkerPipeline":
         """Load the released weights. Paths default to weights.locate() (env vars CHECKPOINT_DIR,
         WHISPERVAE_CKPT, LIAX_CKPT, WAVLM_CKPT, then the hub cache); download=True fetches what is missing.
 
@@ -684,13 +700,14 @@ class TalkerPipeline:
         pipe = cls(llm, tokenizer, load_vae(), load_speaker_encoder(), None, liax_ckpt=paths.liax, device=device,
                    render_dtype=render_dtype, render_batch_size=render_batch_size, model_args=model_args,
                    loaders=dict(llm=load_llm, vae=load_vae, speaker_encoder=load_speaker_encoder),
-                   low_memory=low_memory, loop_backend=loop_backend)
+                   low_memory=low_memory, loop_backend=loop_backend, packed_linear=packed_linear)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
     @classmethod
     def demo(cls, device="cpu", seed: int = 0, render_dtype=torch.float32, render_batch_size=None,
-             checkpoint_dir=None, dtype=None, loop_backend: str = "auto") -> "TalkerPipeline":
+             checkpoint_dir=None, dtype=None, loop_backend: str = "auto",
+             packed_linear: str = "auto") -> "TalkerPipeline":
         """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
         checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
         in place of the random one (with its tokenizer when the folder has one)."""
@@ -720,7 +737,7 @@ class TalkerPipeline:
         device = torch.device(device)
         pipe = cls(llm.to(device), tokenizer, vae.to(device), spk.to(device), gen.to(device), device=device,
                    render_dtype=render_dtype, render_batch_size=render_batch_size, is_demo=True,
-                   loop_backend=loop_backend)
+                   loop_backend=loop_backend, packed_linear=packed_linear)
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 

@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.utils import ModelOutput
 
 import generation
+import packed_linear
 from constants import SAMPLES_PER_FRAME, SAMPLES_PER_FRAME_16K
 from llama4nar import DecoderConfig, PatchEncoder
 from local_dit import VoxCPMLocDiT
@@ -215,6 +216,7 @@ class SpeechLLM(nn.Module):
         self.motion_cfm_weight = model_args.motion_cfm_weight
         self.context_patches = model_args.context_patches
         self.loop_backend = "auto"  # loop_steps.BACKENDS: how the loop's steps run (auto: CUDA graphs on CUDA)
+        self.packed_linear = "auto"  # packed_linear.MODES: oneDNN linears with packed weights (auto: on CPU)
         self.cfm_k_repeat = model_args.cfm_k_repeat
 
         # parameter registration order = key order of the released checkpoint
@@ -319,7 +321,25 @@ class SpeechLLM(nn.Module):
         for module in (self.pretrained_speech_encoder, self.spk):
             if module is not None:
                 module.eval()
+        if mode:
+            packed_linear.uninstall(self)  # training computes with the weights themselves; free the copies
         return self
+
+    def prepare_loop_kernels(self) -> bool:
+        """Before a run of the loop: with `packed_linear` on (auto: on CPU), oneDNN linears with weights
+        packed for the rows each part computes per call (1 in a backbone step, the CFG pair's rows in a head's
+        Euler step, P + 1 in a patch encoder). lm_head is never called by the loop and is left alone."""
+        if not packed_linear.resolve(self.packed_linear, self.device):
+            packed_linear.uninstall(self)
+            return False
+        packed_linear.install(self.llm.model.layers, rows_hint=1)
+        head_rows = 2 * (2 + self.patch_size * (self.context_patches + 1))  # CFG pair x (mu, global, context, x)
+        for head in (self.speech_cfm, self.motion_cfm):
+            packed_linear.install(head, rows_hint=head_rows)
+        for part in (self.speech_patch_encoder, self.motion_patch_encoder, self.projector_speech,
+                     self.projector_motion, self.head_stop):
+            packed_linear.install(part, rows_hint=self.patch_size + 1)
+        return True
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False):

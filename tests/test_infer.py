@@ -241,6 +241,22 @@ def test_bad_inputs_one_line_and_nonzero_exit(tmp_path, capsys):
     assert info.value.code == 2
 
 
+def test_packed_linear_option(tmp_path, capsys, monkeypatch):
+    """--packed-linear reaches the SpeechLLM; 'on' where oneDNN cannot run is refused before loading."""
+    import packed_linear
+    for mode in ("off", "on"):
+        args = infer.build_parser().parse_args(["--demo", "--device", "cpu", "--packed-linear", mode])
+        pipe = infer.load_pipeline(args, ["t2av"])
+        assert pipe.packed_linear == mode and pipe.llm.packed_linear == mode
+    monkeypatch.setattr(packed_linear, "available", lambda: False)
+    rc = infer.main(["--demo", "--quiet", "--device", "cpu", "--packed-linear", "on", "--output",
+                     str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == ("infer.py: error: --packed-linear on: packed linear layers need a CPU with oneDNN "
+                               "(oneDNN is not available in this torch build)")
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_missing_weights_is_one_clear_message(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "infer.py"), "--output", str(tmp_path / "o.mp4")],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,

@@ -43,13 +43,14 @@ def run_generate(model, tensors, case, c):
                           cfm_temperature=c["cfm_temperature"], cfm_cfg=c["cfm_cfg"])
 
 
+@pytest.mark.parametrize("packed", ["on", "off"])  # oneDNN packed linears (the CPU default) and plain F.linear
 @pytest.mark.parametrize("backend", ["eager", "static"])  # static: the CUDA-graph loop's code, uncaptured
 @pytest.mark.parametrize("case", CASES)
-def test_ar_loop_free_running(fixture, case, backend):
+def test_ar_loop_free_running(fixture, case, backend, packed):
     tensors, meta = fixture
     c = meta["cases"][case]
     model = build_model(tensors, c)
-    model.loop_backend = backend
+    model.loop_backend, model.packed_linear = backend, packed
     out = run_generate(model, tensors, case, c)
     speech, motion = tensors[f"{case}.outputs.speech_latents"], tensors[f"{case}.outputs.motion_latents_norm"]
 
