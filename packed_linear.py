@@ -1,9 +1,10 @@
 """CPU linear layers through oneDNN with their weights packed once.
 
-At the loop's shapes (1 row in a backbone step, ~20 rows in a head's Euler step, x 1024 x 1024-3072)
-`F.linear` on CPU goes to MKL, which re-packs the weight at every call and, on AMD CPUs, takes a slow
-path: on an AMD EPYC (Zen 4, 2 cores) 45 GFLOP/s at 20 rows, against ~135 GFLOP/s for oneDNN with the
-weight packed beforehand (the kernels torch itself uses for frozen CPU inference graphs). Packing
+At the diffusion heads' shape (~20 rows x 1024 x 1024-2730 per Euler step) `F.linear` on CPU goes to
+MKL's GEMM, which re-packs the weight at every call: at 20 rows it reaches 80-100 GFLOP/s on an Intel
+Xeon (Ice Lake, 2 cores) against 115-135 for oneDNN with the weight packed beforehand (the kernels torch
+itself uses for frozen CPU inference graphs), and an earlier measurement on an AMD EPYC (Zen 4) found
+45 against ~135. At one row (the backbone's step, a memory-bound GEMV) packing gains nothing. Packing
 changes only the summation order (~1e-6 relative).
 
 `install(module, rows_hint)` turns every nn.Linear of `module` into a PackedLinear (same parameters and
@@ -41,8 +42,9 @@ def available() -> bool:
         return False
 
 
-def resolve(mode: str, device: torch.device) -> bool:
-    """'auto' -> on for CPU when oneDNN is available; 'on' where it cannot run is an error."""
+def resolve(mode: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """'auto' -> on for float32 weights on CPU when oneDNN is available (bf16 linears already run through
+    oneDNN and gain nothing); 'on' where it cannot run is an error."""
     if mode not in MODES:
         raise ValueError(f"packed linear mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "off":
@@ -51,7 +53,7 @@ def resolve(mode: str, device: torch.device) -> bool:
     if mode == "on" and not usable:
         why = "oneDNN is not available in this torch build" if not available() else f"the model is on {device}"
         raise ValueError(f"packed linear layers need a CPU with oneDNN ({why})")
-    return usable
+    return usable and (mode == "on" or dtype == torch.float32)
 
 
 def pack(weight_oi: torch.Tensor, rows_hint: int) -> torch.Tensor:

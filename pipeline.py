@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -582,7 +583,7 @@ class TalkerPipeline:
         self.low_memory = low_memory
         self._loaders = dict(loaders or {})
         self.load_seconds = 0.0
-        self._encodings = {}  # (kind, content digest, ...) -> encoder outputs, reused within this pipeline's run
+        self._encodings = EncodingCache()  # content digest -> encoder outputs, reused across requests
         self.loop_backend = loop_backend
         self.packed_linear = packed_linear
 
@@ -757,13 +758,14 @@ class TalkerPipeline:
         from speech_llm import encode_speaker, encode_speech_latents
 
         key = ("audio", _digest(ref.audio_24k, ref.audio_16k))
-        if key not in self._encodings:  # a batch with one voice runs the Whisper encoder and WavLM once
+        cached = self._encodings.get(key)
+        if cached is None:  # a batch with one voice runs the Whisper encoder and WavLM once
             n = ref.speech_len
             latents = encode_speech_latents(self.vae, ref.audio_24k[None, None].to(self.device),
                                             ref.mel.to(self.device), n)
             speaker = encode_speaker(self.speaker_encoder, ref.audio_16k_pad[None].to(self.device), n)
-            self._encodings[key] = (latents[0].float(), speaker.float())
-        latents, speaker = self._encodings[key]
+            cached = self._encodings.put(key, (latents[0].float(), speaker.float()))
+        latents, speaker = cached
         return latents.clone(), speaker.clone()
 
     @torch.no_grad()
@@ -772,11 +774,13 @@ class TalkerPipeline:
         from lia_x import render as liax_render
 
         key = ("motion", _digest(torch.from_numpy(np.ascontiguousarray(frames_u8))))
-        if key not in self._encodings:
+        motion = self._encodings.get(key)
+        if motion is None:
             self._stage_done("audio")
             with progress_reporter(progress, stage, len(frames_u8), "frame") as update:
-                self._encodings[key] = liax_render.extract_motion(self.generator, frames_u8, progress=update)
-        return self._encodings[key].clone()
+                motion = self._encodings.put(key, liax_render.extract_motion(self.generator, frames_u8,
+                                                                             progress=update))
+        return motion.clone()
 
     @staticmethod
     def video_motion_frames(video) -> int:
@@ -931,6 +935,34 @@ class TalkerPipeline:
                                                        progress=update)
                     video_io.write_video(tmp_mp4, frames, fps=FPS, audio_path=tmp_wav, atomic=False)
         result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
+
+
+class EncodingCache:
+    """The reference encodings of the last `size` distinct inputs (least recently used dropped first), so a
+    long-lived pipeline (the web page, a batch file) encodes a repeated voice or face once without growing
+    without bound. An entry is small (a 30 s voice: ~100 kB of latents; motion: 40 floats a frame)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._entries: "OrderedDict[tuple, object]" = OrderedDict()
+
+    def get(self, key):
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        return self._entries.get(key)
+
+    def put(self, key, value):
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _digest(*tensors: torch.Tensor) -> str:

@@ -327,12 +327,12 @@ class SpeechLLM(nn.Module):
 
     def prepare_loop_kernels(self) -> bool:
         """Before a run of the loop: with `packed_linear` on (auto: on CPU), oneDNN linears with weights
-        packed for the rows each part computes per call (1 in a backbone step, the CFG pair's rows in a head's
-        Euler step, P + 1 in a patch encoder). lm_head is never called by the loop and is left alone."""
-        if not packed_linear.resolve(self.packed_linear, self.device):
+        packed for the rows each part computes per call (the CFG pair's rows in a head's Euler step, P + 1 in
+        a patch encoder). The backbone is left alone: its step is one row, a memory-bound GEMV that packing
+        does not speed up, and its copy would cost 1.6 GiB."""
+        if not packed_linear.resolve(self.packed_linear, self.device, self.head_dtype):
             packed_linear.uninstall(self)
             return False
-        packed_linear.install(self.llm.model.layers, rows_hint=1)
         head_rows = 2 * (2 + self.patch_size * (self.context_patches + 1))  # CFG pair x (mu, global, context, x)
         for head in (self.speech_cfm, self.motion_cfm):
             packed_linear.install(head, rows_hint=head_rows)

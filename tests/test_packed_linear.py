@@ -128,6 +128,9 @@ def test_resolve_modes():
     assert packed_linear.resolve("auto", torch.device("cpu")) is True
     assert packed_linear.resolve("off", torch.device("cpu")) is False
     assert packed_linear.resolve("auto", torch.device("cuda")) is False
+    # bf16 weights: F.linear is oneDNN already (measured: no gain), so auto leaves them; 'on' still packs them
+    assert packed_linear.resolve("auto", torch.device("cpu"), torch.bfloat16) is False
+    assert packed_linear.resolve("on", torch.device("cpu"), torch.bfloat16) is True
     with pytest.raises(ValueError, match="CPU"):
         packed_linear.resolve("on", torch.device("cuda"))
     with pytest.raises(ValueError, match="expected one of"):
@@ -145,9 +148,9 @@ def test_speech_llm_loop_kernels_and_train_mode():
     model.packed_linear = "on"
     assert model.prepare_loop_kernels() is True
     kinds = {n.split(".")[0] for n, m in model.named_modules() if type(m) is packed_linear.PackedLinear}
-    assert kinds == {"llm", "speech_cfm", "motion_cfm", "speech_patch_encoder", "motion_patch_encoder",
+    assert kinds == {"speech_cfm", "motion_cfm", "speech_patch_encoder", "motion_patch_encoder",
                      "projector_speech", "projector_motion", "head_stop"}
-    assert type(model.llm.lm_head) is nn.Linear  # never called by the loop
+    assert not any(type(m) is packed_linear.PackedLinear for m in model.llm.modules())  # one-row GEMVs: no gain
     assert list(model.state_dict()) == keys
     model.train()
     assert not any(type(m) is packed_linear.PackedLinear for m in model.modules())

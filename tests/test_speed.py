@@ -126,6 +126,20 @@ def test_one_voice_is_encoded_once_per_run(one_thread):
     assert not torch.equal(first.speech_latents[-4:], second.speech_latents[-4:])
 
 
+def test_encoding_cache_is_bounded_lru():
+    """A long-lived pipeline (the web page) keeps the last `size` distinct encodings, not every one it saw."""
+    from pipeline import EncodingCache
+    cache = EncodingCache(size=3)
+    for k in range(5):
+        cache.put(("audio", k), k)
+    assert len(cache) == 3 and cache.get(("audio", 0)) is None and cache.get(("audio", 1)) is None
+    assert cache.get(("audio", 2)) == 2  # now the most recently used: survives the next insertion
+    cache.put(("motion", 9), 9)
+    assert cache.get(("audio", 3)) is None and [cache.get(("audio", k)) for k in (2, 4)] == [2, 4]
+    cache.clear()
+    assert len(cache) == 0
+
+
 def test_tts_never_loads_the_renderer(one_thread, tmp_path):
     """A tts run (even one writing a wav) never touches LIA-X: the pipeline has none and no checkpoint."""
     from pipeline import TalkerPipeline
