@@ -42,9 +42,8 @@ def available() -> bool:
         return False
 
 
-def resolve(mode: str, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-    """'auto' -> on for float32 weights on CPU when oneDNN is available (bf16 linears already run through
-    oneDNN and gain nothing); 'on' where it cannot run is an error."""
+def resolve(mode: str, device: torch.device) -> bool:
+    """'auto' -> on for CPU when oneDNN is available; 'on' where it cannot run is an error."""
     if mode not in MODES:
         raise ValueError(f"packed linear mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "off":
@@ -53,7 +52,7 @@ def resolve(mode: str, device: torch.device, dtype: torch.dtype = torch.float32)
     if mode == "on" and not usable:
         why = "oneDNN is not available in this torch build" if not available() else f"the model is on {device}"
         raise ValueError(f"packed linear layers need a CPU with oneDNN ({why})")
-    return usable and (mode == "on" or dtype == torch.float32)
+    return usable
 
 
 def pack(weight_oi: torch.Tensor, rows_hint: int) -> torch.Tensor:

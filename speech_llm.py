@@ -330,7 +330,7 @@ class SpeechLLM(nn.Module):
         packed for the rows each part computes per call (the CFG pair's rows in a head's Euler step, P + 1 in
         a patch encoder). The backbone is left alone: its step is one row, a memory-bound GEMV that packing
         does not speed up, and its copy would cost 1.6 GiB."""
-        if not packed_linear.resolve(self.packed_linear, self.device, self.head_dtype):
+        if not packed_linear.resolve(self.packed_linear, self.device):
             packed_linear.uninstall(self)
             return False
         head_rows = 2 * (2 + self.patch_size * (self.context_patches + 1))  # CFG pair x (mu, global, context, x)

@@ -128,9 +128,6 @@ def test_resolve_modes():
     assert packed_linear.resolve("auto", torch.device("cpu")) is True
     assert packed_linear.resolve("off", torch.device("cpu")) is False
     assert packed_linear.resolve("auto", torch.device("cuda")) is False
-    # bf16 weights: F.linear is oneDNN already (measured: no gain), so auto leaves them; 'on' still packs them
-    assert packed_linear.resolve("auto", torch.device("cpu"), torch.bfloat16) is False
-    assert packed_linear.resolve("on", torch.device("cpu"), torch.bfloat16) is True
     with pytest.raises(ValueError, match="CPU"):
         packed_linear.resolve("on", torch.device("cuda"))
     with pytest.raises(ValueError, match="expected one of"):
