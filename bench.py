@@ -71,7 +71,7 @@ def _loop_variants(device):
         return [("cuda_graphs", "off"), ("eager", "off"), ("static", "off")]
     if not packed_linear.available():
         return [("eager", "off"), ("static", "off")]
-    return [("eager", "on"), ("eager", "off"), ("static", "on")]
+    return [("eager", "auto"), ("eager", "off"), ("static", "auto")]
 
 
 def stage_llm_tiny(device, args):

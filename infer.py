@@ -98,9 +98,9 @@ def add_model_options(ap: argparse.ArgumentParser):
                    help="run each loop step as a captured CUDA graph over a preallocated KV cache (auto: on "
                         "with CUDA; same numbers as off up to float rounding)")
     g.add_argument("--packed-linear", choices=("auto", "on", "off"), default="auto",
-                   help="CPU: the loop's linear layers through oneDNN with their weights packed once (auto: on "
-                        "with CPU; same numbers as off up to float rounding; a packed copy of the heads' weights, "
-                        "+1.2 GiB at full size in float32; the gain depends on the CPU, see the README)")
+                   help="CPU: the heads' linear layers through oneDNN with their weights packed once (auto: on "
+                        "CPU, the layers large enough to gain; on: all of them; same numbers as off up to float "
+                        "rounding; +1.2 GiB at full size in float32; the gain depends on the CPU, see the README)")
     g.add_argument("--render-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="LIA-X decoder convolution dtype (bfloat16: ~2x faster on CPU, small error)")
     g.add_argument("--render-batch-size", type=int, default=None,

@@ -24,6 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("auto", "on", "off")
+# 'auto' packs only weights of at least this many elements (512 x 1024): a packed call costs ~40 us more than
+# F.linear's ~10 us (measured on the Xeon), which small layers (the tiny demo model's, the heads' input and
+# output projections) never win back; at 20 rows packing pays from ~256 x 256, at 5 rows from ~1024 x 1024.
+AUTO_MIN_WEIGHT_NUMEL = 512 * 1024
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -87,25 +91,34 @@ class PackedLinear(nn.Linear):
         return state
 
 
-def install(module: nn.Module, rows_hint: int) -> int:
-    """Packed forwards on every nn.Linear of `module`; rows_hint: the rows a typical call has (oneDNN picks
-    the weight's blocking for it). Idempotent. Returns how many layers have it."""
+def install(module: nn.Module, rows_hint: int, min_weight_numel: int = 0) -> int:
+    """Packed forwards on every nn.Linear of `module` whose weight has at least `min_weight_numel` elements
+    (smaller ones are left as, or turned back into, nn.Linear); rows_hint: the rows a typical call has
+    (oneDNN picks the weight's blocking for it). Idempotent. Returns how many layers have it."""
     n = 0
     for layer in module.modules():
-        if type(layer) in (nn.Linear, PackedLinear):
-            if type(layer) is nn.Linear or layer.rows_hint != rows_hint:
-                layer.__class__ = PackedLinear
-                layer.rows_hint, layer._packed = rows_hint, None
-            n += 1
+        if type(layer) not in (nn.Linear, PackedLinear):
+            continue
+        if layer.weight.numel() < min_weight_numel:
+            _unpack(layer)
+            continue
+        if type(layer) is nn.Linear or layer.rows_hint != rows_hint:
+            layer.__class__ = PackedLinear
+            layer.rows_hint, layer._packed = rows_hint, None
+        n += 1
     return n
 
 
 def uninstall(module: nn.Module) -> None:
     for layer in module.modules():
-        if type(layer) is PackedLinear:
-            layer.__class__ = nn.Linear
-            for attr in ("rows_hint", "_packed"):
-                layer.__dict__.pop(attr, None)
+        _unpack(layer)
+
+
+def _unpack(layer: nn.Module) -> None:
+    if type(layer) is PackedLinear:
+        layer.__class__ = nn.Linear
+        for attr in ("rows_hint", "_packed"):
+            layer.__dict__.pop(attr, None)
 
 
 def packed_bytes(module: nn.Module) -> int:

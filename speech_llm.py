@@ -328,17 +328,19 @@ class SpeechLLM(nn.Module):
     def prepare_loop_kernels(self) -> bool:
         """Before a run of the loop: with `packed_linear` on (auto: on CPU), oneDNN linears with weights
         packed for the rows each part computes per call (the CFG pair's rows in a head's Euler step, P + 1 in
-        a patch encoder). The backbone is left alone: its step is one row, a memory-bound GEMV that packing
+        a patch encoder); auto packs only the weights large enough to gain (packed_linear.AUTO_MIN_WEIGHT_NUMEL),
+        on packs them all. The backbone is left alone: its step is one row, a memory-bound GEMV that packing
         does not speed up, and its copy would cost 1.6 GiB."""
         if not packed_linear.resolve(self.packed_linear, self.device):
             packed_linear.uninstall(self)
             return False
+        min_numel = 0 if self.packed_linear == "on" else packed_linear.AUTO_MIN_WEIGHT_NUMEL
         head_rows = 2 * (2 + self.patch_size * (self.context_patches + 1))  # CFG pair x (mu, global, context, x)
         for head in (self.speech_cfm, self.motion_cfm):
-            packed_linear.install(head, rows_hint=head_rows)
+            packed_linear.install(head, head_rows, min_numel)
         for part in (self.speech_patch_encoder, self.motion_patch_encoder, self.projector_speech,
                      self.projector_motion, self.head_stop):
-            packed_linear.install(part, rows_hint=self.patch_size + 1)
+            packed_linear.install(part, self.patch_size + 1, min_numel)
         return True
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,

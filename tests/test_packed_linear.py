@@ -149,5 +149,19 @@ def test_speech_llm_loop_kernels_and_train_mode():
                      "projector_speech", "projector_motion", "head_stop"}
     assert not any(type(m) is packed_linear.PackedLinear for m in model.llm.modules())  # one-row GEMVs: no gain
     assert list(model.state_dict()) == keys
+    # auto packs only weights big enough to win back oneDNN's per-call cost: none of the tiny model's
+    model.packed_linear = "auto"
+    assert model.prepare_loop_kernels() is True
+    assert not any(type(m) is packed_linear.PackedLinear for m in model.modules())
+    model.packed_linear = "on"
+    model.prepare_loop_kernels()
     model.train()
     assert not any(type(m) is packed_linear.PackedLinear for m in model.modules())
+
+
+def test_install_size_threshold():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    assert packed_linear.install(model, rows_hint=4, min_weight_numel=64 * 32) == 1
+    assert type(model[0]) is packed_linear.PackedLinear and type(model[1]) is nn.Linear
+    assert packed_linear.install(model, rows_hint=4, min_weight_numel=10**6) == 0  # a raised bar unpacks
+    assert type(model[0]) is nn.Linear and "_packed" not in model[0].__dict__
