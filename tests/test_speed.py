@@ -170,8 +170,9 @@ def _tiny_items(model, specs):
     return items
 
 
+@pytest.mark.parametrize("packed", ["off", "on"])  # on: the batched heads on packed oneDNN linears, lone runs off
 @pytest.mark.parametrize("task", ["t2av", "tts"])
-def test_batched_requests_equal_lone_runs(one_thread, task):
+def test_batched_requests_equal_lone_runs(one_thread, task, packed):
     """Different prompt lengths, prefixes, seeds and length caps in one batch: every request gets the patches,
     stop decision and length of its lone run (per-request generators), and rows leave as they stop."""
     from batching import run_batched
@@ -181,7 +182,11 @@ def test_batched_requests_equal_lone_runs(one_thread, task):
     m = 1 if task == "t2av" else 0
     specs = [(9, 30, 40 * m, 1, None), (23, 50, 28 * m, 2, 0.64), (4, 18, 60 * m, 3, None), (15, 40, 12 * m, 4, 1.0)]
     items = _tiny_items(model, specs)
+    model.packed_linear = packed
     batched = run_batched(model, items)
+    import packed_linear
+    assert any(type(x) is packed_linear.PackedLinear for x in model.modules()) == (packed == "on")
+    model.packed_linear = "off"
     for item, got in zip(items, batched):
         torch.manual_seed(item.seed)
         want = collect(PatchStream(model, item.prompt, item.plan, item.sampling))
