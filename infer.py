@@ -262,12 +262,11 @@ def load_pipeline(args, modes):
     if args.cuda_graphs == "on" and not str(device).startswith("cuda"):
         raise UserError(f"--cuda-graphs on needs a CUDA device (--device is {device})")
     loop_backend = {"auto": "auto", "on": "cuda_graphs", "off": "eager"}[args.cuda_graphs]
-    if args.packed_linear == "on":
-        import packed_linear
-        try:
-            packed_linear.resolve("on", torch.device(device))
-        except ValueError as e:
-            raise UserError(f"--packed-linear on: {e}") from None
+    import packed_linear
+    try:
+        packed_linear.resolve(args.packed_linear, torch.device(device))  # only 'on' without oneDNN fails
+    except ValueError as e:
+        raise UserError(f"--packed-linear {args.packed_linear}: {e}") from None
     if str(device).startswith("cuda"):
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

@@ -38,7 +38,7 @@ from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECO
                        SAMPLES_PER_FRAME)
 import longform
 import loop_steps
-import packed_linear
+import packed_linear as packing  # (`packed_linear` is the mode's name here)
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
@@ -604,7 +604,7 @@ class TalkerPipeline:
 
     @packed_linear.setter
     def packed_linear(self, mode: str) -> None:
-        packed_linear.resolve(mode, self.device)  # refuses 'on' where oneDNN cannot run, before any loading
+        packing.resolve(mode, self.device)  # refuses 'on' where oneDNN cannot run, before any loop
         self._packed_linear = mode
         if self._llm is not None:
             self._llm.packed_linear = mode
@@ -672,6 +672,7 @@ class TalkerPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == torch.float16 and device.type != "cuda":
             raise RequestError("dtype", "float16: half precision needs CUDA (on CPU use float32 or bfloat16)")
+        packing.resolve(packed_linear, device)  # before gigabytes load, not after
         extra = {k: v for k, v in (("wavlm_repo", wavlm_repo), ("wavlm_filename", wavlm_filename)) if v}
         paths = weights.locate(checkpoint_dir, whisperx_vae_ckpt, liax_ckpt, wavlm_ckpt, **extra)
         needs = tuple(needs or weights.COMPONENTS)
