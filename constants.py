@@ -15,7 +15,8 @@ MOTION_DIM = 40  # LIA-X motion channels
 SPEAKER_DIM = 256  # ECAPA-TDNN embedding
 
 # The released inference loop (infer.py: ar_generate_motion_continuation)
-RELEASED_CAP_MARGIN_PATCHES = 15  # patches allowed past the reference clip's length (0.6 s)
+RELEASED_CAP_MARGIN_PATCHES = 15  # patches allowed past the reference clip's length (15 x 160 ms = 2.4 s)
+RELEASED_CAP_MARGIN_SECONDS = RELEASED_CAP_MARGIN_PATCHES * PATCH_SIZE / FPS  # 2.4
 STOP_MIN_PATCHES = 7  # the stop head is not read before this many patches
 STOP_PATIENCE = 3  # consecutive patches with p_stop >= threshold end generation
 STOP_THRESHOLD = 0.5

@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Optional
 
-from constants import FPS, MAX_SECONDS
+from constants import FPS, MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS
 
 MODES = ("t2av", "a2v", "v2a", "tts")
 MAX_CFM_STEPS = 1000  # 10 is the released value; beyond ~100 nothing changes but the run time
@@ -61,7 +61,8 @@ class GenerationRequest:
     output: Optional[str] = _opt(None, "output mp4; the wav is written beside it (tts: only the wav)", kind="path")
     save_latents: bool = _opt(False, "also write <output>.latents.safetensors (speech latents, motion)")
     max_seconds: Optional[float] = _opt(None, "t2av/tts: cap on the generated length (at most 30). Default: as "
-                                              "released, the reference clip's length + 0.6 s",
+                                              "released, the reference clip's length + "
+                                              f"{RELEASED_CAP_MARGIN_SECONDS:g} s",
                                         low=0, high=MAX_SECONDS, low_open=True)
     face_crop: str = _opt("none", "how a non-square face is fitted to the renderer's square: none = squashed, as "
                                   "the reference does (with a warning); center = the largest centred square",

@@ -9,26 +9,45 @@ import torch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+# ../shared: the golden parity fixtures and the authors' reference samples (not part of the repository).
+SHARED = Path(os.environ.get("TALKER_SHARED_DIR", REPO_ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 REFERENCE_SAMPLES = SHARED / "reference_samples"
 
-if str(FIXTURES) not in sys.path:  # synth.py: synthetic weights as a function of name and shape
-    sys.path.insert(0, str(FIXTURES))
+# One reason for every skipped parity test, so that `pytest -ra` prints it once.
+NO_SHARED_REASON = ("../shared not found (golden parity fixtures and reference samples): parity tests "
+                    "skipped (CI runs them all)")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def shared(path) -> Path:
-    """A file of ../shared (fixtures, reference samples). A missing one fails the test (CI must never pass
-    by skipping); with TALKER_SKIP_MISSING_SHARED=1 (a clone without ../shared) the test is skipped."""
+    """A file of ../shared (fixtures, reference samples).
+
+    A clone without ../shared skips the test with NO_SHARED_REASON. Where ../shared exists, a missing file
+    fails the test, and with TALKER_CI=1 (set by .ci/run) a missing ../shared fails too: CI never passes
+    by skipping. TALKER_SKIP_MISSING_SHARED=1 skips on any missing file (a partial copy)."""
     path = Path(path)
-    if not path.exists():
-        message = f"{path} not found: the parity fixtures and reference samples live in ../shared"
-        if os.environ.get("TALKER_SKIP_MISSING_SHARED") == "1":
-            pytest.skip(message)
-        pytest.fail(message)
-    return path
+    if path.exists():
+        return path
+    if os.environ.get("TALKER_CI") == "1":
+        pytest.fail(f"{path} not found, and TALKER_CI=1: every parity test must run in CI")
+    if not SHARED.is_dir():
+        pytest.skip(NO_SHARED_REASON)
+    if os.environ.get("TALKER_SKIP_MISSING_SHARED") == "1":
+        pytest.skip(f"{path} not found (TALKER_SKIP_MISSING_SHARED=1)")
+    pytest.fail(f"{path} not found: ../shared exists but lacks this file")
+
+
+def synth():
+    """shared/fixtures/synth.py (synthetic weights as a pure function of name and shape), imported on
+    first use so that a clone without ../shared still collects every test module."""
+    shared(FIXTURES / "synth.py")
+    if str(FIXTURES) not in sys.path:
+        sys.path.insert(0, str(FIXTURES))
+    import synth as module
+
+    return module
 
 
 def load_fixture(group: str, name: str):

@@ -1,4 +1,5 @@
 """infer.py: the command line over the pipeline (tiny demo models; in-process main() and real subprocesses)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -464,3 +465,15 @@ def test_output_problems_are_found_before_the_models_load(tmp_path, capsys, monk
                          (["--mode", "a2v", "--audio", str(tmp_path / "long.wav"), "--no-long-form"], "at most 30 s")):
         assert infer.main(["--demo", "--output", str(tmp_path / "o.mp4"), *argv]) == 1
         assert needle in capsys.readouterr().err
+
+
+def test_length_cap_figure_is_15_patches_of_160_ms():
+    """The released cap is the reference clip's length + 15 patches: 15 x 160 ms = 2.4 s (once written 0.6 s)."""
+    import constants
+    from request import GenerationRequest
+
+    assert constants.RELEASED_CAP_MARGIN_SECONDS == pytest.approx(2.4)
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(GenerationRequest) if f.name == "max_seconds")
+    assert "+ 2.4 s" in help_text
+    readme = (REPO / "README.md").read_text()
+    assert "0.6 s" not in readme and "length + 2.4 s" in readme

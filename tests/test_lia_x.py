@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FIXTURES, REFERENCE_SAMPLES, load_fixture, max_rel_err, shared
+from conftest import FIXTURES, REFERENCE_SAMPLES, load_fixture, max_rel_err, shared, synth
 
 import lia_x
 from lia_x.networks.generator import Generator
@@ -32,7 +32,7 @@ VIDEO = REFERENCE_SAMPLES / "reference_video.mp4"
 def _synth_generator() -> Generator:
     """The released architecture holding the fixtures' synthetic weights (built on meta, then
     filled parameter by parameter so the 3.6 GB of weights exist only once)."""
-    from synth import synth_tensor
+    synth_tensor = synth().synth_tensor
 
     with torch.device("meta"):
         g = Generator(style_dim=512, motion_dim=40, scale=2)

@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, load_fixture, max_rel_err, shared
-from synth import synth_state_dict
+from conftest import FIXTURES, load_fixture, max_rel_err, shared, synth
 
 import speaker_verification as sv
 
@@ -31,7 +30,7 @@ def fixture_state_dict(fixture):
     tensors, _ = fixture
     stored = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
     model = sv.tiny_speaker_encoder()
-    head = {k: v for k, v in synth_state_dict(model).items() if not k.startswith("feature_extract.")}
+    head = {k: v for k, v in synth().synth_state_dict(model).items() if not k.startswith("feature_extract.")}
     head.pop("feature_weight")
     assert not set(stored) & set(head)
     return {**stored, **head}

@@ -3,9 +3,8 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES, load_fixture, max_rel_err, shared
+from conftest import FIXTURES, load_fixture, max_rel_err, shared, synth
 from safetensors.torch import load_file, save_file
-from synth import synth_state_dict
 
 from generation import plan_lengths
 from prompt import build_chat_and_spans, build_prompt
@@ -50,7 +49,7 @@ def tiny_model(delay=0):
     args, config = tiny_model_args_and_config()
     args.delay = delay
     model = SpeechLLM(args, config)
-    model.load_state_dict(synth_state_dict(model), strict=False)
+    model.load_state_dict(synth().synth_state_dict(model), strict=False)
     return model.eval()
 
 

@@ -171,10 +171,15 @@ def test_bad_checkpoints(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}}, no_cfg)
     expect(no_cfg, "hyper_parameters.cfg")
 
-    expect(CKPT, "pass whisper_dims")  # tiny checkpoint read with the default large-v3 dims
-
     with pytest.raises(FileNotFoundError):
         wv.load_whisperx_vae(tmp_path / "missing.ckpt")
+
+
+def test_tiny_checkpoint_read_with_large_v3_dims_is_refused():
+    ckpt = shared(CKPT)
+    with pytest.raises(ValueError) as info:
+        wv.load_whisperx_vae(ckpt)  # the default whisper_dims are large-v3's
+    assert str(info.value).startswith(f"{ckpt}:") and "pass whisper_dims" in str(info.value)
 
 
 def test_random_tiny_model_shapes():
