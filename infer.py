@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("streaming")
     g.add_argument("--stream", nargs="?", const="", default=None, metavar="PATH",
                    help="write a fragmented mp4 (H.264/AAC) that grows while generating, playable at every "
-                        "fragment: at PATH (default <output>.partial.mp4, removed once the output is final), "
-                        "or '-' for stdout (then every message goes to stderr)")
+                        "fragment, as <output>.partial.mp4, removed once the output (PATH if given: --stream PATH is "
+                        "--output PATH) is written. '-': the stream goes to stdout (every message to stderr) and "
+                        "the output is still written")
     g.add_argument("--stream-every", type=int, default=1, metavar="N",
                    help="with --stream: patches (160 ms each) per chunk")
     return ap
@@ -211,28 +212,55 @@ def read_batch_file(path: str) -> list:
 
 
 def jobs(args) -> list:
-    """This rank's requests, each already checked as far as possible without a model (pipeline.preflight)."""
+    """This rank's requests, each already checked as far as possible without a model (pipeline.preflight),
+    and none writing a file that it or another line reads or that another line writes."""
     from pipeline import preflight
 
     base = cli_request(args)
     if not args.batch_file:
-        return [Job("", preflight(base))]
+        return [_spare_files(Job("", preflight(base)), args, {})]
     rank, world, _, _ = _dist_env()
     stem = os.path.splitext(args.output)[0]
-    out = []
+    out, written = [], {}
     for i, (lineno, entry) in enumerate(read_batch_file(args.batch_file)):
-        if i % world != rank:
-            continue
         label = f"{args.batch_file}:{lineno}: "
         if isinstance(entry, str):
-            out.append(Job(label, None, entry))
-            continue
-        try:
-            line_base = GenerationRequest.from_mapping({"output": f"{stem}_{i:04d}.mp4"}, base=base)
-            out.append(Job(label, preflight(GenerationRequest.from_mapping(entry, base=line_base))))
-        except (ValueError, OSError) as e:
-            out.append(Job(label, None, message_of(e, in_batch_line=True)))
+            job = Job(label, None, entry)
+        else:
+            try:
+                line_base = GenerationRequest.from_mapping({"output": f"{stem}_{i:04d}.mp4"}, base=base)
+                job = Job(label, preflight(GenerationRequest.from_mapping(entry, base=line_base)))
+            except (ValueError, OSError, RecursionError) as e:
+                job = Job(label, None, message_of(e, in_batch_line=True))
+        job = _spare_files(job, args, written)  # every rank checks every line: collisions span ranks
+        if i % world == rank:
+            out.append(job)
     return out
+
+
+def _spare_files(job: Job, args, written: dict) -> Job:
+    """The job, or a failed job when its outputs (the output group and the stream file) would overwrite an
+    input, the batch file, or another line's output (written: {real path: label}, updated)."""
+    from pipeline import check_outputs_spare_inputs, output_paths
+
+    if job.request is None:
+        return job
+    req = job.request
+    outputs = output_paths(req.output, req.mode, req.save_latents).members()
+    partial = stream_path(args, req)
+    if partial not in (None, "-"):
+        outputs.append(partial)
+    try:
+        check_outputs_spare_inputs(req, outputs, [("the batch file", args.batch_file)] if args.batch_file else [])
+    except ValueError as e:
+        return Job(job.label, None, message_of(e, in_batch_line=bool(args.batch_file)))
+    for path in outputs:
+        earlier = written.get(os.path.realpath(os.path.expanduser(path)))
+        if earlier is not None:
+            return Job(job.label, None, f"output: {path} is also written by {earlier.rstrip(': ')}")
+    for path in outputs:
+        written[os.path.realpath(os.path.expanduser(path))] = job.label or "this run"
+    return job
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -272,10 +300,6 @@ def load_pipeline(args, modes):
         torch.backends.cudnn.benchmark = False
     render_dtype = _dtype(args.render_dtype)
     if args.demo:
-        if str(device).startswith("cpu") and "OMP_NUM_THREADS" not in os.environ:
-            # the tiny models are too small for intra-op threads: synchronisation would dominate (and
-            # spin-waiting makes it 10x slower when another process holds a core)
-            torch.set_num_threads(1)
         if rank == 0:
             print(RANDOM_WEIGHTS_BANNER, flush=True)
         pipe = TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
@@ -357,12 +381,29 @@ def run(args) -> int:
 
 
 def stream_path(args, request) -> Optional[str]:
-    """Where --stream writes: '-' (stdout), the given path, or <output>.partial.mp4."""
+    """Where --stream writes while generating: '-' (stdout) or <output>.partial.mp4 (removed once the output is
+    written; main() has made --stream PATH mean --output PATH)."""
     if args.stream is None:
         return None
-    if args.stream:
-        return args.stream
+    if args.stream == "-":
+        return "-"
     return os.path.splitext(request.output or CLI_DEFAULTS["output"])[0] + ".partial.mp4"
+
+
+def check_stream_flags(args) -> None:
+    """--stream PATH is where the result ends up (the --output); --stream - is one stream, so one request."""
+    if args.stream == "-" and args.batch_file:
+        raise UserError("--stream - writes one fragmented mp4 to stdout: it cannot carry the lines of "
+                        f"--batch-file {args.batch_file} (use --stream, each line growing beside its output)")
+    if args.stream in (None, "", "-"):
+        return
+    if args.batch_file:
+        raise UserError(f"--stream {args.stream}: with --batch-file each line streams beside its own output: "
+                        "give --stream without a path")
+    if args.output != CLI_DEFAULTS["output"] and os.path.realpath(args.output) != os.path.realpath(args.stream):
+        raise UserError(f"--stream {args.stream} and --output {args.output} name two files: the streamed result "
+                        "ends up at the --stream path; give one of them")
+    args.output, args.stream = args.stream, ""
 
 
 def _generate(pipe, request, args):
@@ -382,6 +423,11 @@ def main(argv=None) -> int:
         if value < 1:  # checked before anything loads
             _report("error", f"{flag} must be >= 1, got {value}")
             return 1
+    try:
+        check_stream_flags(args)
+    except UserError as e:
+        _report("error", str(e))
+        return 1
     if args.stream == "-":  # stdout carries the mp4: every message goes to stderr
         import contextlib
 

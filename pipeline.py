@@ -198,6 +198,9 @@ class OutputPaths:
     wav: str
     latents: Optional[str]  # None unless save_latents
 
+    def members(self) -> list:
+        return [p for p in (self.mp4, self.wav, self.latents) if p]
+
 
 def output_paths(output, mode: str, save_latents: bool = False) -> OutputPaths:
     """Where a request writes, checked before anything runs: the suffix, and a folder that can be written."""
@@ -209,8 +212,31 @@ def output_paths(output, mode: str, save_latents: bool = False) -> OutputPaths:
         raise RequestError("output", f"{output}: is a directory")
     _check_writable_folder(output, out.parent)
     base = str(out.with_suffix("") if ext else out)
-    return OutputPaths(None if mode == "tts" else base + ".mp4", base + ".wav",
-                       base + ".latents.safetensors" if save_latents else None)
+    paths = OutputPaths(None if mode == "tts" else base + ".mp4", base + ".wav",
+                        base + ".latents.safetensors" if save_latents else None)
+    for member in paths.members():  # the group is committed as one: every member must be replaceable
+        if Path(member).is_dir():
+            raise RequestError("output", f"{output}: {member} (written with it) is a directory")
+    return paths
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name one file (spelled differently, through links or '..'), existing or not."""
+    a, b = Path(os.path.expanduser(os.fspath(a))), Path(os.path.expanduser(os.fspath(b)))
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs_spare_inputs(req: GenerationRequest, outputs, other_inputs=()) -> None:
+    """No file the run writes (outputs: the output group and any stream file) is one it reads (the request's
+    inputs, plus other_inputs such as a batch file): an overwritten input would be lost for good."""
+    reads = {**input_files(req), **dict(other_inputs)}
+    for out in outputs:
+        for label, path in reads.items():
+            if same_file(out, path):
+                raise RequestError("output", f"{out} would overwrite the input {path} ({label}): "
+                                             "choose another output")
 
 
 def _check_writable_folder(output, folder: Path) -> None:
@@ -277,7 +303,7 @@ def preflight(request: Optional[GenerationRequest] = None, **kwargs) -> Generati
         else:
             load_motion_file(path)
     if req.output is not None:
-        output_paths(req.output, req.mode, req.save_latents)
+        check_outputs_spare_inputs(req, output_paths(req.output, req.mode, req.save_latents).members())
     return req
 
 
@@ -712,13 +738,19 @@ class TalkerPipeline:
              packed_linear: str = "auto") -> "TalkerPipeline":
         """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
         checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
-        in place of the random one (with its tokenizer when the folder has one)."""
+        in place of the random one (with its tokenizer when the folder has one).
+
+        On CPU, unless OMP_NUM_THREADS is set, torch runs one intra-op thread (as infer.py --demo does): the
+        tiny models are too small for threads, whose synchronisation dominates (about 6x slower on a busy
+        2-core machine, spin-waiting while another process holds a core)."""
         import lia_x
         import speaker_verification
         import whisperx_vae
         from speech_llm import SpeechLLM, tiny_model_args_and_config
 
         t0 = time.perf_counter()
+        if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)
         args, config = tiny_model_args_and_config()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -403,3 +403,24 @@ def test_one_wording_per_problem(pipe, tmp_path):
     for kwargs in (dict(ref_video=tmp_path / "voice.wav"), dict(mode="v2a", video=tmp_path / "voice.wav")):
         with pytest.raises(ValueError, match=r"voice\.wav: no video stream \(audio-only or not a video\)$"):
             _gen(pipe, **kwargs)
+
+
+def test_demo_runs_one_cpu_thread_as_the_cli_does(monkeypatch):
+    """The tiny models lose ~6x to thread synchronisation on a busy 2-core machine: TalkerPipeline.demo()
+    picks one intra-op thread on CPU (unless OMP_NUM_THREADS says otherwise), as infer.py --demo does."""
+    import torch
+
+    from pipeline import TalkerPipeline
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        TalkerPipeline.demo()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        TalkerPipeline.demo()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
