@@ -354,10 +354,13 @@ def test_overfit_30_steps_then_release_folder_demo_and_infer(data, tmp_path, one
     assert torch.equal(pipe.llm.head_stop.proj.weight, trained.head_stop.proj.weight)
     assert pipe.generate(mode="tts", text="Hello.", seed=0, progress=False, max_seconds=1).audio_24k.numel() > 0
 
+    import shlex
+
     import infer
     out = tmp_path / "demo.mp4"
-    assert infer.main(["--demo", "--checkpoint-dir", str(final), "--output", str(out), "--max-seconds", "1",
-                       "--quiet"]) == 0
+    (hint,) = [m.split("try: ", 1)[1].rstrip(")") for m in log if m.startswith(f"[train] wrote {final} ")]
+    assert hint == f"python infer.py --demo --checkpoint-dir {final}"  # the command train.py prints works
+    assert infer.main(shlex.split(hint)[2:] + ["--output", str(out), "--max-seconds", "1", "--quiet"]) == 0
     assert out.stat().st_size > 0 and out.with_suffix(".wav").exists()
 
 

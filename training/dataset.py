@@ -53,6 +53,10 @@ DEFAULT_TRAIN_CSV = "./data/csv/train.csv"
 DEFAULT_TRAIN_TXT = "./data/txt/train_pt_list.txt"
 DEFAULT_VIDEO_DIR = "./data/video"
 MAX_SUBSTITUTES = 100  # consecutive unloadable samples after which a worker gives up
+# Manifests and transcripts are read as UTF-8 with undecodable bytes kept as surrogates: a path with such bytes
+# still names its file (the file system's own convention), and a text with them is refused per sample
+# (text_problem) instead of stopping the whole run.
+MANIFEST_ERRORS = "surrogateescape"
 
 
 @dataclass
@@ -100,7 +104,7 @@ class Row:
     def key(self) -> str:
         """Identity of the clip (feature cache key): task + absolute wav and motion paths."""
         ident = f"{self.task}|{os.path.abspath(self.wav)}|{os.path.abspath(self.motion) if self.motion else ''}"
-        return hashlib.sha1(ident.encode()).hexdigest()[:24]
+        return hashlib.sha1(ident.encode("utf-8", "surrogatepass")).hexdigest()[:24]  # same bytes for valid text
 
     @property
     def label(self) -> str:
@@ -128,7 +132,7 @@ def _need_file(path: str, what: str) -> None:
 
 def read_csv(path: str, root: str = "") -> List[Row]:
     _need_file(path, "T2SV CSV")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors=MANIFEST_ERRORS) as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("motion_pt_path", "wav_path") if c not in (reader.fieldnames or [])]
         if missing:
@@ -138,7 +142,7 @@ def read_csv(path: str, root: str = "") -> List[Row]:
 
 
 def _lines(path: str):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors=MANIFEST_ERRORS) as f:
         for n, line in enumerate(f, start=1):
             if line.strip():
                 yield n, line.strip()
@@ -265,11 +269,28 @@ def read_text(row: Row) -> str:
         if row.sidecar_optional:
             return ""
         raise FileNotFoundError(f"{sidecar}: transcript (sidecar .json) not found")
-    with open(sidecar, encoding="utf-8") as f:
+    with open(sidecar, encoding="utf-8", errors=MANIFEST_ERRORS) as f:
         obj = json.load(f)
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise SampleError(f"{sidecar}: expected {{\"text\": \"...\"}}")
     return obj["text"]
+
+
+def text_problem(text: str) -> Optional[str]:
+    """Why a transcript cannot be tokenized, or None: bytes that are not UTF-8 (kept as U+DC80..U+DCFF when
+    the manifest was read) or another lone surrogate (a JSON "\\ud800" escape)."""
+    for i, ch in enumerate(text):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            return f"is not valid UTF-8 (byte 0x{code - 0xDC00:02x} at character {i})"
+        if 0xD800 <= code <= 0xDFFF:
+            return f"holds a lone surrogate U+{code:04X} at character {i} (not a character)"
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates (undecodable bytes of a path) written as \\udcff escapes, safe to print."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def mel_frames(n_samples_16k: int) -> int:
@@ -400,7 +421,7 @@ class TalkerDataset(torch.utils.data.Dataset):
             item["skipped"] = skipped
             return item
         raise DataError(f"{len(skipped)} consecutive samples from index {i} failed to load, e.g. "
-                        + "; ".join(f"{label}: {reason}" for label, reason in skipped[:3]))
+                        + "; ".join(f"{printable(label)}: {printable(reason)}" for label, reason in skipped[:3]))
 
     def window_start(self, i: int, n_frames: int) -> int:
         """Start of the 30 s window of a longer clip: random per (seed, epoch, index); 0 with a feature cache
@@ -416,6 +437,9 @@ class TalkerDataset(torch.utils.data.Dataset):
         with_audio = self.cache is None if with_audio is None else with_audio
         PS = self.patch_size
         text = read_text(row)
+        problem = text_problem(text)
+        if problem:
+            raise SampleError(f"{row.source}: the text {problem}")
         found = control_tokens_in(self.tokenizer, text)
         if found:
             raise SampleError(f"{row.source}: the text contains the model's control tokens {', '.join(found)}")
@@ -529,12 +553,13 @@ class FailureMonitor:
             if label in self.failed:
                 continue
             self.failed[label] = reason
-            self.log(f"[data] skipped {label}: {reason}")
+            self.log(f"[data] skipped {printable(label)}: {printable(reason)}")
             if self.log_path:
+                os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"sample": label, "reason": reason}) + "\n")
         if len(self.failed) > self.limit:
-            examples = "; ".join(f"{k}: {v}" for k, v in list(self.failed.items())[:3])
+            examples = "; ".join(f"{printable(k)}: {printable(v)}" for k, v in list(self.failed.items())[:3])
             raise DataError(
                 f"{len(self.failed)} of {self.n_distinct} samples failed to load, more than max_failed_fraction "
                 f"{self.max_fraction:g} allows ({self.limit:.1f}"

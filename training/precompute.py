@@ -43,7 +43,7 @@ if _REPO not in sys.path:
 import torch  # noqa: E402
 
 from training.dataset import (MAX_FRAMES, SAMPLE_ERRORS, DataArguments, DataError, Row, audio_inputs,  # noqa: E402
-                              build_rows, failure_reason, file_stamp, load_motion, read_index)
+                              build_rows, failure_reason, file_stamp, load_motion, printable, read_index)
 from training.modeling import ConfigError, TalkerArguments, load_encoders, write_json  # noqa: E402
 
 META = "cache_meta.json"
@@ -118,6 +118,8 @@ class ShardWriter:
 
 def done_keys(folder: str) -> set:
     keys = set()
+    if not os.path.isdir(folder):
+        return keys
     for name in os.listdir(folder):
         if name.startswith("index-") and name.endswith(".jsonl"):
             keys |= set(read_index(os.path.join(folder, name)))
@@ -153,7 +155,6 @@ def run(config, overrides=(), workers: int = 0, shard_size: int = 256, log=print
     say = log if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available()
                           else "cpu")
-    os.makedirs(folder, exist_ok=True)
 
     rows, seen = [], set()
     for row in build_rows(data_args, model_args.tts_data_path, say):
@@ -167,6 +168,7 @@ def run(config, overrides=(), workers: int = 0, shard_size: int = 256, log=print
 
     vae, spk, described = load_encoders(talker)
     vae, spk = vae.to(device), spk.to(device)
+    os.makedirs(folder, exist_ok=True)  # only once the rows and the encoders are there: no empty folder otherwise
     meta = {"version": CACHE_VERSION, "encoders": described, "speech_dim": int(model_args.speech_embedding_dim),
             "speaker_dim": int(model_args.speaker_embedding_dim), "fps": 25, "window": "first 30 s",
             "speaker_audio": "each clip's own mel_len frames", "dtype": "float32",
@@ -182,7 +184,7 @@ def run(config, overrides=(), workers: int = 0, shard_size: int = 256, log=print
         row = mine[i]
         if item is None:
             n_failed += 1
-            log(f"[precompute] skipped {row.label}: {reason}")
+            log(f"[precompute] skipped {printable(row.label)}: {printable(reason)}")
             with open(failed_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"sample": row.label, "reason": reason}) + "\n")
             continue
@@ -213,7 +215,10 @@ def main(argv=None) -> int:
         from training.train import load_config, set_threads
         set_threads(load_config(args.config, args.overrides))
         run(args.config, args.overrides, args.workers, args.shard_size)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except ConfigError as e:  # the config cannot run (train.py's exit status for it)
+        print(f"precompute.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (DataError, FileNotFoundError) as e:
         print(f"precompute.py: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
