@@ -49,15 +49,30 @@ def _pieces(text: str, pattern) -> List[str]:
     return [p.strip() for p in pattern.split(text) if p and p.strip()]
 
 
-def _words(text: str) -> List[str]:
-    """Words (split at spaces), CJK runs cut into characters: the smallest pieces a window may hold."""
+def _words(text: str, window_seconds: float = WINDOW_SECONDS) -> List[str]:
+    """Words (split at spaces), CJK runs cut into characters: the smallest pieces a window may hold. A word
+    longer than a window (a script written without spaces, such as Thai, or a run of letters) is cut at
+    characters, never before a combining mark (Thai vowels and tones stay on their consonant)."""
     out = []
     for word in text.split():
         if any(_is_cjk(ch) for ch in word):
             out += list(word)
+        elif estimate_speech_seconds(word) > window_seconds:
+            out += _cut_at_characters(word, max(1, int(window_seconds * LATIN_CHARS_PER_SECOND)))
         else:
             out.append(word)
     return out
+
+
+def _cut_at_characters(word: str, size: int) -> List[str]:
+    pieces, start = [], 0
+    while start < len(word):
+        end = min(start + size, len(word))
+        while start + 1 < end < len(word) and unicodedata.category(word[end]) in ("Mn", "Mc", "Me"):
+            end -= 1
+        pieces.append(word[start:end])
+        start = end
+    return pieces
 
 
 def _wide(ch: str) -> bool:
@@ -97,7 +112,7 @@ def split_windows(text: str, window_seconds: float = WINDOW_SECONDS) -> List[str
             if estimate_speech_seconds(clause) <= window_seconds:
                 pieces.append(clause)
             else:
-                pieces += _pack(_words(clause), window_seconds)
+                pieces += _pack(_words(clause, window_seconds), window_seconds)
     return _pack(pieces, window_seconds) or [text.strip()]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Optional
 
@@ -45,16 +46,19 @@ class GenerationRequest:
     text: Optional[str] = _opt(None, "text to speak (the transcript in a2v/v2a). Default: samples/default_text.txt; "
                                      "in a2v the default is no transcript (empty), the motion then follows the "
                                      "audio alone")
-    ref_audio: Optional[str] = _opt(None, "reference voice (speaker timbre + prompt prefix); any rate/channels, "
-                                          "<= 30 s. Default: samples/reference_voice.wav", kind="path")
+    ref_audio: Optional[str] = _opt(None, "reference voice (speaker timbre + prompt prefix); any rate/channels; "
+                                          "a clip over 30 s is cut to its first 30 s. "
+                                          "Default: samples/reference_voice.wav", kind="path")
     ref_video: Optional[str] = _opt(None, "reference face: a video (its first frame is the face; its motion is the "
                                           "prompt when --ref-motion is absent) or a still image (PNG/JPEG: the face "
                                           "held still through the prefix). Default: samples/reference_face.mp4",
                                     kind="path")
     ref_motion: Optional[str] = _opt(None, "reference LIA-X motion (.pt, (frames, 40) raw); default: extracted "
                                            "from --ref-video", kind="path")
-    audio: Optional[str] = _opt(None, "a2v: the driving speech (<= 30 s). Default: the sample voice", kind="path")
-    video: Optional[str] = _opt(None, "v2a: the talking-head video to dub (<= 30 s); its frames are kept. "
+    audio: Optional[str] = _opt(None, "a2v: the driving speech (any length: over 30 s in long-form windows). "
+                                      "Default: the sample voice", kind="path")
+    video: Optional[str] = _opt(None, "v2a: the talking-head video to dub (any length: over 30 s in "
+                                      "long-form windows); its frames are kept. "
                                       "Default: sample face", kind="path")
     motion: Optional[str] = _opt(None, "v2a: driving motion (.pt, (frames, 40) raw, 25 fps) instead of --video; "
                                        "rendered on the --ref-video face", kind="path")
@@ -109,9 +113,27 @@ class GenerationRequest:
             value = _convert(f, getattr(self, f.name))
             setattr(self, f.name, value)
             _check_range(f, value)
-        if self.mode != "a2v" and self.text is not None and not self.text.strip():
+        if self.mode != "a2v" and self.text is not None and not has_visible_text(self.text):
             raise RequestError("text", f"empty text: {self.mode} needs the words to speak")
         return self
+
+
+# Characters that print nothing: whitespace, controls, and format characters such as ZWSP, ZWNJ, ZWJ, BOM.
+_INVISIBLE_CATEGORIES = ("Zs", "Zl", "Zp", "Cc", "Cf")
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether text holds a character that shows (a text of only spaces, ZWSP or BOM is empty)."""
+    return any(unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text)
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """A lone surrogate (bytes that were not UTF-8, kept by Python's surrogateescape) cannot be tokenised."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(name, f"not valid UTF-8 text (a lone surrogate or undecodable byte at character "
+                                 f"{e.start + 1})") from None
 
 
 def field_kind(f) -> str:
@@ -137,10 +159,12 @@ def _convert(f, value):
             return os.fspath(value)
         if not isinstance(value, str):
             raise RequestError(f.name, f"must be a file path (a string), got {value!r}")
+        _check_unicode(f.name, value)
         return value
     if kind == "str":
         if not isinstance(value, str):
             raise RequestError(f.name, f"must be a string, got {value!r}")
+        _check_unicode(f.name, value)
         return value
     if kind == "bool":
         if not isinstance(value, bool):

@@ -135,18 +135,18 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
     run = longform.LongFormRun(pipe, req, inputs, windows, first_plan=plan if single else None)
     with atomic_outputs(*(paths.mp4, paths.wav, paths.latents) if paths else (None,)) as temps:
         tmp_mp4, tmp_wav, tmp_latents = temps if paths else (None, None, None)
-        final_video = None
-        if tmp_mp4 is not None and inputs.source_video is None and render:
-            final_video = video_io.IncrementalVideo(tmp_mp4, FPS)
-        fragments = None
-        if mp4 is not None:
-            size = (inputs.face.shape[1], inputs.face.shape[0]) if inputs.face is not None else (0, 0)
-            if render and inputs.face is not None:
-                size = (pipe.generator.size, pipe.generator.size)
-            fragments = video_io.FragmentedMp4Writer(mp4, size, FPS, CODEC_SAMPLE_RATE,
-                                                     video=render and req.mode != "tts" and inputs.source_video is None)
-        outs = _Outputs(pipe, req, inputs, lookahead, render, final_video, fragments)
-        try:
+        final_video = fragments = None
+        try:  # the writers are made inside: an interrupt while they start still cleans up
+            if tmp_mp4 is not None and inputs.source_video is None and render:
+                final_video = video_io.IncrementalVideo(tmp_mp4, FPS)
+            if mp4 is not None:
+                size = (inputs.face.shape[1], inputs.face.shape[0]) if inputs.face is not None else (0, 0)
+                if render and inputs.face is not None:
+                    size = (pipe.generator.size, pipe.generator.size)
+                fragments = video_io.FragmentedMp4Writer(
+                    mp4, size, FPS, CODEC_SAMPLE_RATE,
+                    video=render and req.mode != "tts" and inputs.source_video is None)
+            outs = _Outputs(pipe, req, inputs, lookahead, render, final_video, fragments)
             yield from _run(pipe, req, inputs, run, outs, every, timings, progress)
             out = run.output
             result = pipe._finish(req, inputs, run.output_plan, out, [] if single else run.reports, paths,
@@ -154,6 +154,9 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
             yield from _tail(outs, result, len(windows) - 1, out.n_patches)
             if fragments is not None:
                 fragments.close()
+                if fragments.reader_closed:
+                    result.warnings.append("the reader of stdout closed it before the end: the stream stopped "
+                                           "there; the output is written in full")
                 fragments = None
             if paths is not None:
                 with _timed(timings, "render"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import tempfile
 from fractions import Fraction
@@ -413,13 +414,20 @@ class IncrementalVideo:
         self._thread = threading.Thread(target=self._encode, daemon=True)
         self._thread.start()
 
+    def _frames(self):
+        for item in _queue_iter(self._queue):
+            yield item
+        self._result["end_seen"] = True
+
     def _encode(self):
         try:
-            self._result["n"] = _encode_h264(self._video_only, _queue_iter(self._queue), self.fps, self.path,
+            self._result["n"] = _encode_h264(self._video_only, self._frames(), self.fps, self.path,
                                              faststart=False)
         except BaseException as e:  # noqa: BLE001 - re-raised in close()
             self._result["error"] = e
-            while self._queue.get() is not _END:  # keep draining so that add() never blocks
+            # keep draining so that add() never blocks, up to the one end marker (unless already taken: an
+            # encoder that failed on the end marker itself, e.g. aborted before any frame, must not wait)
+            while not self._result.get("end_seen") and self._queue.get() is not _END:
                 pass
 
     def add(self, frames) -> None:
@@ -460,6 +468,7 @@ class FragmentedMp4Writer:
         import threading
 
         self.path = path
+        self.reader_closed = False  # set by close() when stdout's reader left before the end
         w, h = size
         args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y"]
         read_audio, write_audio = os.pipe()
@@ -521,8 +530,11 @@ class FragmentedMp4Writer:
         self._err.seek(0)
         err = self._err.read().decode("utf-8", errors="replace").strip()
         self._err.close()
+        if rc != 0 and self.path == "-" and (rc == -signal.SIGPIPE or "Broken pipe" in err):
+            self.reader_closed = True  # the reader of stdout left early (`| head`): not an error of ours
+            return
         if rc != 0:
-            raise RuntimeError(f"{self.path}: ffmpeg failed to write the fragmented mp4 ({err or rc})")
+            raise OSError(f"{self.path}: ffmpeg failed to write the fragmented mp4 ({err or rc})")
 
     def abort(self) -> None:
         self._proc.kill()

@@ -233,4 +233,7 @@ def download(needs: Iterable[str] = COMPONENTS, paths: Optional[WeightPaths] = N
 
 
 def licence_text() -> str:
-    return "\n".join(f"- {what} ({source}): {licence}" for what, source, licence in LICENCES)
+    """The licence of each weight file as a Markdown table (the README's, without the sizes)."""
+    rows = ["| file | where it comes from | licence |", "| --- | --- | --- |"]
+    rows += [f"| {what} | {source} | {licence} |" for what, source, licence in LICENCES]
+    return "\n".join(rows)

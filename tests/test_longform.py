@@ -43,6 +43,17 @@ def test_long_sentence_is_cut_at_clauses_then_words():
     assert all(set(w.split()) == {"word"} for w in windows)
 
 
+@pytest.mark.parametrize("text", ["x" * 3000, "ab" * 700, "สวัสดีครับ" * 52, "ก่อนหน้านี้" * 60])
+def test_a_word_longer_than_a_window_is_cut_at_characters(text):
+    """One 3000-letter word, or Thai (no spaces): cut at characters, never before a combining mark."""
+    import unicodedata
+
+    windows = longform.split_windows(text)
+    assert len(windows) > 1 and "".join(windows) == text
+    assert all(longform.estimate_speech_seconds(w) <= longform.WINDOW_SECONDS for w in windows)
+    assert all(unicodedata.category(w[0]) not in ("Mn", "Mc") for w in windows)
+
+
 def test_cjk_punctuation_splits_without_spaces():
     text = "今天天气很好，我们一起去公园散步吧。" * 6 + "你觉得怎么样？"
     windows = longform.split_windows(text)

@@ -1,0 +1,72 @@
+"""Nothing hangs: a stream stopped at any moment (an exception or Ctrl-C before the first frame, a reader of
+stdout that leaves early) returns promptly, re-raises, and leaves no partial file."""
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streaming
+import video_io
+
+REPO = Path(__file__).resolve().parents[1]
+HANG_GUARD_S = 120  # a deadline against hangs, never a speed requirement
+
+
+def _returns_in_time(fn):
+    """fn() run in a thread: (returned, its exception) within HANG_GUARD_S."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(HANG_GUARD_S)
+    assert not t.is_alive(), "hung"
+    return box
+
+
+def test_incremental_video_aborted_before_any_frame_returns(tmp_path):
+    video = video_io.IncrementalVideo(tmp_path / "o.mp4")
+    _returns_in_time(video.abort)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incremental_video_aborted_after_frames_returns(tmp_path):
+    video = video_io.IncrementalVideo(tmp_path / "o.mp4")
+    video.add(np.zeros((3, 16, 16, 3), np.uint8))
+    _returns_in_time(video.abort)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [ValueError("bad input"), KeyboardInterrupt()])
+@pytest.mark.parametrize("where", ["writers", "loop"])
+def test_stream_interrupted_before_the_first_frame(demo_pipe, tmp_path, monkeypatch, error, where):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(streaming, "_Outputs" if where == "writers" else "_run", fail)
+    box = _returns_in_time(lambda: list(demo_pipe.stream(text="Hello.", output=str(tmp_path / "o.mp4"),
+                                                         mp4=str(tmp_path / "o.partial.mp4"))))
+    assert type(box.get("error")) is type(error)
+    assert list(tmp_path.iterdir()) == []  # neither the growing file nor a temp file is left
+
+
+def test_reader_of_stdout_leaving_early_is_not_an_error(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(REPO / "infer.py"), "--demo", "--quiet", "--text", "Hello there.",
+                             "--output", str(tmp_path / "o.mp4"), "--stream", "-"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = proc.stdout.read(2000)  # `| head -c 2000`
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=HANG_GUARD_S * 2)
+    err = err.decode()
+    assert head[4:8] == b"ftyp"
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "closed it before the end" in err
+    assert (tmp_path / "o.mp4").is_file() and (tmp_path / "o.wav").is_file()
