@@ -118,13 +118,14 @@ class GenerationRequest:
         return self
 
 
-# Characters that print nothing: whitespace, controls, and format characters such as ZWSP, ZWNJ, ZWJ, BOM.
-_INVISIBLE_CATEGORIES = ("Zs", "Zl", "Zp", "Cc", "Cf")
+# Blanks that Unicode files as letters or symbols: Hangul fillers and the braille blank.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 def has_visible_text(text: str) -> bool:
-    """Whether text holds a character that shows (a text of only spaces, ZWSP or BOM is empty)."""
-    return any(unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text)
+    """Whether text holds something to say: a letter, digit, punctuation mark or symbol (a text of only spaces,
+    ZWSP, BOM, controls, Hangul fillers or lone combining marks is empty)."""
+    return any(unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_LETTERS for ch in text)
 
 
 def _check_unicode(name: str, value: str) -> None:

@@ -9,7 +9,9 @@ Needs requirements-app.txt and Debian's chromium (.ci/run installs both); withou
 and fail under TALKER_CI=1 (as .ci/run sets it).
 """
 import base64
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -380,8 +382,274 @@ def test_session_files_go_when_the_last_session_using_them_ends(app, tmp_path):
     assert files.folder("../../escape").parent == cache / "sessions"  # a session id is never a path
 
 
-def test_stopping_the_server_removes_its_files(server):
-    assert list(server.tmp.glob("talker-app-*"))  # uploads, outputs
-    assert server.stop() in (0, 130)
-    assert not list(server.tmp.glob("talker-app-*"))
+# ---------------------------------------------------------------------------------------------- robustness
+
+STOPPED = re.compile(r"^app\.py: stopped a (\w+) request \(([^)]*)\) at (.+) (\d+)/(\d+); it left no file$", re.M)
+
+
+def _stops(server) -> list:
+    """The server's lines for the generations it stopped: (mode, why, stage, done, total)."""
+    return [(m, why, stage, int(done), int(total)) for m, why, stage, done, total in STOPPED.findall(server.log())]
+
+
+def _wait_for_progress(job, at_least: int, stage: str):
+    """The job's progress once `at_least` of `stage` (the pipeline's callback, as the page shows it) are done."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        for p in job.status().progress_data or []:
+            if stage in (p.desc or "") and (p.index or 0) >= at_least:
+                return p
+        assert not job.done(), job.result()
+        time.sleep(0.05)
+    pytest.fail(f"no progress in {stage} within {HANG_GUARD_S} s")
+
+
+def _session_files(server) -> set:
+    """Every file in the server's session folders (outputs, and any hidden temporary one)."""
+    return {p for p in server.tmp.glob("talker-app-*/sessions/**/*") if p.is_file()}
+
+
+def _wait_until(condition, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_api_cancel_stops_the_generation_at_its_next_patch(server, client):
+    before = _session_files(server)
+    job = client.submit(text="A request nobody wants.", cfm_steps=100, max_seconds=30, api_name="/tts")
+    seen = _wait_for_progress(job, 2, "tts patches")  # 188 patches of 100 steps: far from its end
+    n_stops = len(_stops(server))
+    assert job.cancel()  # returns once the server's /cancel has answered
+    # the answer waits for the generation to stop, so the next request never runs beside it
+    (mode, why, stage, done, total), = _stops(server)[n_stops:]
+    assert (mode, why, stage, total) == ("tts", "cancelled by its client", "tts patches", 188)
+    assert seen.index <= done < total
+    assert _session_files(server) == before  # nothing written, no temporary file left
+    assert client.predict(text="The next one.", max_seconds=1, api_name="/tts")[2].startswith(
+        "[talker] tts: 1.60 s audio")
+
+
+CLIENT_THAT_GOES = """
+import sys, time
+from gradio_client import Client
+job = Client(sys.argv[1], verbose=False).submit(text="A request whose client goes.", cfm_steps=100,
+                                                max_seconds=30, api_name="/tts")
+while not any((p.index or 0) >= 2 for p in job.status().progress_data or []):
+    assert not job.done(), job.result()
+    time.sleep(0.05)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_client_that_goes_away_stops_its_generation(server, client):
+    before = _session_files(server)
+    n_stops = len(_stops(server))
+    env = dict(os.environ, NO_PROXY="127.0.0.1,localhost")
+    with subprocess.Popen([sys.executable, "-c", CLIENT_THAT_GOES, server.url], stdout=subprocess.PIPE, text=True,
+                          env=env) as gone:
+        assert gone.stdout.readline() == "running\n"
+        gone.kill()  # its connections close without a word
+    assert _wait_until(lambda: len(_stops(server)) > n_stops), "the generation ran on after its client went away"
+    (mode, why, stage, done, total), = _stops(server)[n_stops:]
+    assert (mode, why, stage) == ("tts", "its client went away", "tts patches") and done < total
+    assert _wait_until(lambda: _session_files(server) == before)
+    assert client.predict(text="The next one.", max_seconds=1, api_name="/tts")[2].startswith(
+        "[talker] tts: 1.60 s audio")
+
+
+def _rest_call(server, mode: str, **values) -> tuple:
+    """One request through the REST API (JSON written here: it can carry what gradio_client cannot encode):
+    (event, data) of its last message. Files are left to the defaults (None: the bundled samples)."""
+    import urllib.request
+
+    from gradio_client import Client
+
+    params = Client(server.url, verbose=False).view_api(return_format="dict", print_info=False)[
+        "named_endpoints"][f"/{mode}"]["parameters"]
+    data = [values.get(p["parameter_name"], None if isinstance(p["parameter_default"], dict)
+                       else p["parameter_default"]) for p in params]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    call = urllib.request.Request(f"{server.url}gradio_api/call/{mode}", data=json.dumps({"data": data}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    event_id = json.load(opener.open(call, timeout=HANG_GUARD_S))["event_id"]
+    stream = opener.open(f"{server.url}gradio_api/call/{mode}/{event_id}", timeout=HANG_GUARD_S).read().decode()
+    event, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, re.M)[-1]
+    return event, json.loads(data)
+
+
+def _schema_line(**fields) -> str:
+    """The line infer.py prints for a request the schema refuses, naming the field as the API does."""
+    from request import GenerationRequest, RequestError
+
+    with pytest.raises(RequestError) as err:
+        GenerationRequest.from_mapping(fields).validate()
+    return infer.message_of(err.value, in_batch_line=True)
+
+
+def test_api_refuses_text_without_words_not_unicode_or_too_long(app, server, client):
+    from gradio_client.exceptions import AppError
+
+    for text in ("\u200b\u200c\ufeff", " \u2060\u00ad\n\u200d "):  # ZWSP ZWNJ BOM; word joiner, soft hyphen, ZWJ
+        line = _schema_line(mode="tts", text=text)  # infer.py's check, shared
+        assert line == "text: empty text: tts needs the words to speak"
+        with pytest.raises(AppError) as err:
+            client.predict(text=text, max_seconds=1, api_name="/tts")
+        assert str(err.value) == line
+    with pytest.raises(AppError, match=r"^text: too long for this server: 4999 characters, about 357 s of speech; "
+                                       r"it takes at most 300 s .*; infer.py takes any length$"):
+        client.predict(text="word " * 1000, max_seconds=1, cfm_steps=1, api_name="/tts")
+    text = "Half a pair: \ud800."  # JSON carries a lone surrogate; gradio_client cannot encode it: the REST API
+    event, data = _rest_call(server, "tts", text=text, max_seconds=1)
+    assert (event, data["error"]) == ("error", _schema_line(mode="tts", text=text))
     assert "Traceback" not in server.log()
+
+
+def test_text_length_limit(app):
+    from request import RequestError
+
+    app.check_text_length("a" * 4200, 300)  # 14 characters a second: 300 s
+    app.check_text_length("語" * 1350, 300)  # CJK: 4.5 a second
+    app.check_text_length("a" * 100 + " " * 10 ** 6, 300)  # spaces around a text do not count
+    for text in ("a" * 4201, "語" * 1351, "a" * 10 ** 7):
+        with pytest.raises(RequestError, match="^text: too long for this server"):
+            app.check_text_length(text, 300)
+
+
+def test_api_out_of_range_values_get_the_cli_line(app, server, client):
+    from gradio_client.exceptions import AppError
+
+    from request import GenerationRequest, RequestError
+
+    for field, value in [("cfm_steps", 0), ("cfm_steps", 2.5), ("max_seconds", 31), ("cfm_cfg", -1), ("seed", -1),
+                         ("cfm_temperature", "hot"), ("save_latents", "yes")]:
+        with pytest.raises(RequestError) as cli:  # what infer.py checks, and prints naming --its-flag
+            GenerationRequest.from_mapping({field: value}).validate()
+        line = infer.message_of(cli.value, in_batch_line=True)  # the same line, naming the API's field
+        with pytest.raises(AppError) as err:
+            client.predict(text="Out of range.", api_name="/t2av", **{field: value})
+        assert str(err.value) == line and line.startswith(f"{field}: ")
+        assert f"app.py: error: {line}" in server.log()
+    assert "Traceback" not in server.log()
+
+
+class FakePipe:
+    """generate() as the pipeline runs it: a progress callback per patch, the output written at the end."""
+    is_demo = False
+
+    def __init__(self, patches: int = 400, hook=None):
+        self.patches, self.hook = patches, hook
+        self.running = self.most_at_once = self.done = 0
+
+    def generate(self, req, progress):
+        import types
+
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            for i in range(1, self.patches + 1):
+                time.sleep(0.005)
+                self.done = i
+                progress("tts patches", i, self.patches)
+            Path(req.output).write_bytes(b"RIFF")
+            if self.hook:
+                self.hook()
+            return types.SimpleNamespace(wav_path=req.output, video_path=None, latents_path=None, warnings=[],
+                                         summary=lambda: "[talker] tts")
+        finally:
+            self.running -= 1
+
+
+def test_stopped_runs_end_at_their_next_patch_leave_no_file_and_never_overlap(app, tmp_path):
+    import asyncio
+
+    pipe = FakePipe()
+    talker = app.TalkerApp(pipe, tmp_path)
+    files = lambda: sorted(p.name for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
+
+    def serve(session):
+        return asyncio.create_task(talker.serve_request("tts", {"text": "Hi."}, lambda *a, **k: None, session))
+
+    async def scenario():
+        first = serve("one")
+        while pipe.done < 3:
+            await asyncio.sleep(0.01)
+        first.cancel()  # what gradio's /cancel does
+        second = serve("two")  # asked for at once: it waits for the device
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert pipe.done < pipe.patches and files() == []
+        while pipe.done < 3 or not pipe.running:
+            await asyncio.sleep(0.01)
+        await asyncio.get_running_loop().run_in_executor(None, talker.stop, "its client went away", "two")
+        with pytest.raises(app.gr.Error, match="stopped: its client went away"):
+            await second
+        assert files() == [] and pipe.most_at_once == 1
+
+        pipe.hook = lambda: talker.stop("it came too late", timeout=0)  # asked after the last patch
+        with pytest.raises(app.gr.Error, match="stopped: it came too late"):
+            await serve("three")
+        assert files() == []  # its finished output removed
+        pipe.hook = None
+        assert talker.close() is True
+        with pytest.raises(app.gr.Error, match="stopped: the server is stopping"):
+            await serve("four")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as thread:  # a loop of its own: playwright's sync API runs one in this thread
+        thread.submit(asyncio.run, scenario()).result()
+
+
+CLI_WORDS = re.compile(r"--[a-z]|<output>|\.pt\b|samples/|\b(?:t2av|a2v|v2a|tts)\b|\(at most 30 s\)|Default:")
+
+
+def test_each_tab_explains_its_inputs_in_its_own_words(app, client):
+    shown = {}  # mode: {elem_id: (label, info)}
+    for component in client.config["components"]:
+        props = component.get("props", {})
+        name, _, mode = (props.get("elem_id") or "").rpartition("-")
+        if mode in app.TABS and name in app.FIELDS or name == "ref_image":
+            shown.setdefault(mode, {})[name] = (props.get("label") or "", props.get("info") or "")
+    assert sorted(shown) == sorted(app.TABS)
+    inputs = {name for _, _, rows in app.TABS.values() for row in rows for name in row}
+    option_labels = {label for texts in shown.values() for name, (label, _) in texts.items() if name not in inputs}
+    for mode, texts in shown.items():
+        labels = {label for label, _ in texts.values()}
+        for name, (label, info) in texts.items():
+            assert not CLI_WORDS.search(f"{label} {info}"), (mode, name, label, info)  # no flag, file, mode name
+            for option in option_labels - labels:  # an option a text points to is one this tab shows
+                assert not re.search(rf"\b{option}\b", info), (mode, name, option)
+    assert shown["a2v"]["text"][0] == "transcript (optional)"
+    assert "what is said in the video" in shown["v2a"]["text"][1]
+    assert "300 s of speech" in shown["t2av"]["text"][1] and "300 s of speech" in shown["tts"]["text"][1]
+    assert "motion" not in shown["tts"]["save_latents"][1] and "motion" in shown["t2av"]["save_latents"][1]
+
+
+def test_sigterm_during_a_generation_stops_it_then_the_server_cleanly(server, client):
+    job = client.submit(text="Rendering as the server stops.", cfm_steps=1, max_seconds=10, api_name="/t2av")
+    _wait_for_progress(job, 1, "render")  # 264 frames to render: the abort came from a render cut short
+    assert list(server.tmp.glob("talker-app-*"))  # uploads, outputs
+    assert server.stop() == 128 + signal.SIGTERM  # as infer.py; not SIGABRT
+    assert _stops(server)[-1][:3] == ("t2av", "the server is stopping", "render")
+    assert not list(server.tmp.glob("talker-app-*"))
+    log = server.log()
+    assert "Traceback" not in log and "terminate called" not in log
+    assert "app.py: SIGTERM after" in log
+
+
+def test_readme_gradio_client_snippet_runs_as_written(server, tmp_path, monkeypatch):
+    """The README's gradio_client block, pointed at this server's port, from a folder with samples/ beside it."""
+    from test_readme_snippets import python_blocks
+
+    (block,) = python_blocks((REPO / "README.md").read_text(), web_page=True)
+    assert 'Client("http://127.0.0.1:7860/")' in block
+    (tmp_path / "samples").symlink_to(REPO / "samples")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block.replace("http://127.0.0.1:7860/", server.url), "README.md gradio block", "exec"), namespace)  # noqa: S102
+    video = namespace["video"]
+    path = video["video"] if isinstance(video, dict) else video
+    assert Path(path).stat().st_size > 0 and "t2av" in namespace["report"]
