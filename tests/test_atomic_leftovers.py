@@ -3,7 +3,6 @@ through '..' make no folders, errors name the output (not a hidden temp), and a 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

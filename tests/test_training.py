@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -319,7 +318,7 @@ def test_feature_cache_sharded_resumable_and_equal_to_online(data, tmp_path, mon
     assert max_rel_err(cropped, own) > 1e-3
 
 
-def test_overfit_30_steps_then_release_folder_demo_and_infer(data, tmp_path, one_thread):
+def test_overfit_30_steps_then_release_folder_demo_and_infer(data, tmp_path, one_thread, capsys):
     """The tiny preset overfits 4 samples (3 T2SV + 1 TTS) in 30 steps with cached features, warm-started
     from a TTS-stage checkpoint; `final` loads strictly and drives the demo and `infer.py --demo`."""
     cache = tmp_path / "cache"
@@ -360,8 +359,11 @@ def test_overfit_30_steps_then_release_folder_demo_and_infer(data, tmp_path, one
     out = tmp_path / "demo.mp4"
     (hint,) = [m.split("try: ", 1)[1].rstrip(")") for m in log if m.startswith(f"[train] wrote {final} ")]
     assert hint == f"python infer.py --demo --checkpoint-dir {final}"  # the command train.py prints works
+    capsys.readouterr()
     assert infer.main(shlex.split(hint)[2:] + ["--output", str(out), "--max-seconds", "1", "--quiet"]) == 0
     assert out.stat().st_size > 0 and out.with_suffix(".wav").exists()
+    banner = capsys.readouterr().out.splitlines()[0]  # the trained SpeechLLM is not called random
+    assert f"tiny SpeechLLM trained in {final}" in banner and "RANDOMLY INITIALISED models:" not in banner
 
 
 def test_fine_tune_release_folder_full_and_lora(release_dir, tiny_loaders, no_env, data, tmp_path, monkeypatch,
@@ -492,14 +494,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch
 
 
 def test_torchrun_two_ranks_end_with_identical_weights(data, tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.fail("torchrun not found (it comes with torch)")
     cfg_path = tmp_path / "ddp.json"
     cfg_path.write_text(json.dumps(tiny_config(tmp_path / "run", data_path=data["jsonl"], max_steps=3,
                                                per_device_train_batch_size=1, weights_digest=True)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "training" / "train.py"),
-                           str(cfg_path)], env=env, capture_output=True, text=True, timeout=300)
+    # `python -m torch.distributed.run` is torchrun: no console script needed on PATH (a plain venv's python)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO_ROOT / "training" / "train.py"), str(cfg_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     digests = dict(re.findall(r"\[train\] rank (\d) weights digest ([0-9a-f]+)", output))
