@@ -7,6 +7,7 @@ LLM is reported per patch).
     python bench.py --stages liax            # LIA-X at 512x512 (about 6 min on 2 CPU cores)
     python bench.py --device cuda --stages llm vae spk liax
     python bench.py --stages stream          # pipe.stream: first audio chunk / frame, real-time factor
+    python bench.py --stages eval            # evaluate.py's metric networks: seconds per clip per metric
 
 Each stage runs in a fresh process, so "peak RSS" is that stage's own high-water mark (it includes
 the ~0.4 GB of the imported libraries); on CUDA the peak allocated GPU memory is reported too.
@@ -20,7 +21,7 @@ import sys
 import time
 
 STAGES = ("llm_tiny", "llm", "roofline", "batch_tiny", "batch", "vae", "spk", "liax", "train_tiny", "train",
-          "t2av_rss", "stream")
+          "t2av_rss", "stream", "eval")
 DEFAULT_STAGES = ("llm_tiny", "llm", "roofline", "vae", "spk", "train_tiny", "train")
 
 
@@ -401,6 +402,49 @@ def stage_spk(device, args):
     return [dict(stage="speaker encoder", what="WavLM-Large + ECAPA, 5 s", value=f"{seconds:.2f} s", note="")]
 
 
+def stage_eval(device, args):
+    """evaluate.py's metric networks at their released sizes (random weights), per clip of --eval-seconds: what
+    scoring a clip costs on this machine (the I3D of FVD is an opaque TorchScript file: not timed)."""
+    import numpy as np
+    import torch
+
+    from evaluation import fid, s3fd, syncnet, utmos
+    from speaker_verification import init_model
+
+    seconds, rng = args.eval_seconds, np.random.default_rng(0)
+    n_frames, n_16k = int(seconds * 25), int(seconds * 16000)
+    torch.manual_seed(0)
+    rows = []
+
+    def row(metric, what, fn):
+        with torch.no_grad():
+            fn()  # warm-up (allocations, oneDNN kernels)
+            _, elapsed = _timed(fn, device)
+        rows.append(dict(stage="eval", what=f"{metric}: {what}", value=f"{elapsed:.2f} s",
+                         note=f"{elapsed / seconds:.2f} s per clip-second"))
+
+    sync_net = syncnet.SyncNet().to(device).eval()
+    crops = rng.integers(0, 256, (n_frames, 224, 224, 3), dtype=np.uint8)
+    audio = (rng.standard_normal(n_16k) * 3000).astype(np.int16)
+    row("Sync-C/D", f"SyncNet on a {seconds:g} s 224x224 crop (offset scan included)",
+        lambda: syncnet.evaluate_arrays(sync_net, crops, audio))
+    detector = s3fd.S3FD().to(device).eval()
+    frames = rng.integers(0, 256, (n_frames, 512, 512, 3), dtype=np.uint8)
+    row("face track", f"S3FD at scale 0.25 on {n_frames} frames of 512x512",
+        lambda: s3fd.detect_faces_batch(detector, list(frames), conf_th=0.9, scales=(0.25,)))
+    mos = utmos.UTMOS22Strong().to(device).eval()
+    wave = 0.1 * torch.randn(1, int(seconds * 24000), device=device)
+    row("UTMOS", f"UTMOS22 strong, {seconds:g} s at 24 kHz", lambda: mos(wave, 24000))
+    inception = fid.FIDInception().to(device).eval()
+    images = torch.rand(n_frames, 3, 512, 512, device=device)
+    row("FID", f"Inception pool3 of {n_frames} frames of 512x512", lambda: inception(images))
+    speaker = init_model("wavlm_large").to(device).eval()
+    wav16k = 0.1 * torch.randn(1, n_16k, device=device)
+    row("SIM", f"WavLM-Large + ECAPA, {seconds:g} s (the prompt's embedding is cached per voice)",
+        lambda: speaker(wav16k))
+    return rows
+
+
 def stage_liax(device, args):
     import torch
     from lia_x import RELEASE_CONFIG, Generator
@@ -624,6 +668,7 @@ def main():
     ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
                     help="dtypes of the roofline stage")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 8], help="batch stage sizes")
+    ap.add_argument("--eval-seconds", type=float, default=4.0, help="clip length of the eval stage's metric rows")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
