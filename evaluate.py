@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -578,7 +577,6 @@ def score_wer(clips, models, device, progress) -> None:
                     except ValueError:
                         raise ValueError("text: the transcript has no words after normalisation") from None
                 _guard(clip, "wer", one)
-    del asr
 
 
 def score_utmos(clips, models, device, progress) -> None:
@@ -594,7 +592,6 @@ def score_utmos(clips, models, device, progress) -> None:
                 wave, sr = clip.audio()
                 clip.result.values["utmos"] = float(model(wave[None].to(device), sr)[0])
             _guard(clip, "utmos", one)
-    del model
 
 
 def score_sim(clips, models, device, progress) -> None:
@@ -613,7 +610,6 @@ def score_sim(clips, models, device, progress) -> None:
                 else read_audio(prompt)
             clip.result.values["sim"] = speaker_similarity(encoder, wave, sr, prompt_wave, prompt_sr)
         _guard(clip, "sim", one)
-    del encoder
 
 
 def aligned_crop(video_path, out_path) -> str:
@@ -653,7 +649,6 @@ def score_sync(clips, models, device, face_crop: str, progress) -> None:
             clip.result.values.update(sync_offset=int(res.offset), sync_conf=float(res.conf),
                                       sync_min_dist=float(res.min_dist))
         _guard(clip, "sync", one)
-    del syncnet, detector
 
 
 def _frame_indices(n: int, want: int):
@@ -666,7 +661,6 @@ def _frame_indices(n: int, want: int):
 
 def score_fid(clips, models, device, fid_frames: int, progress) -> dict:
     """{(mode, lang): (generated features, real features)} of every clip that can be scored."""
-    import numpy as np
     import torch
 
     import video_io
@@ -676,28 +670,35 @@ def score_fid(clips, models, device, fid_frames: int, progress) -> dict:
     if not todo:
         return {}
     model = models.load("fid_inception", device)
-    feats, real_cache, real_used = {}, {}, set()
 
     def features(path):
         frames, _ = video_io.read_frames(path)
         frames = frames[_frame_indices(len(frames), fid_frames)]
         return pool3_features(model, torch.from_numpy(frames).permute(0, 3, 1, 2), batch_size=32)
 
-    for clip in _bar(todo, "fid", progress):
+    return _set_features(todo, "fid", features, "fid_frames", len, progress)
+
+
+def _set_features(todo, metric: str, features, count_key: str, count, progress, label=None) -> dict:
+    """{(mode, lang): (generated features, real features)}: each clip's features beside those of its
+    ground-truth clip, each real clip counted once per set (its features computed once)."""
+    import numpy as np
+
+    feats, real_cache, real_used = {}, {}, set()
+    for clip in _bar(todo, label or metric, progress):
         def one(clip=clip):
             key, gt = (clip.row.mode, clip.row.lang), clip.row.gt_video
             if gt not in real_cache:
                 real_cache[gt] = features(gt)
             fake = features(clip.video_path)
             f, r = feats.setdefault(key, ([], []))
-            if (key, gt) not in real_used:  # each real clip counts once per set
+            if (key, gt) not in real_used:
                 real_used.add((key, gt))
                 r.append(real_cache[gt])
             f.append(fake)
-            clip.result.values["fid_frames"] = len(fake)
-        _guard(clip, "fid", one)
-    del model
-    return {k: (np.concatenate(f), np.concatenate(r)) for k, (f, r) in feats.items()}
+            clip.result.values[count_key] = count(fake)
+        _guard(clip, metric, one)
+    return {k: (np.concatenate(f), np.concatenate(r)) for k, (f, r) in feats.items() if f and r}
 
 
 def read_fvd_clip(path, n_frames: int):
@@ -716,7 +717,6 @@ def read_fvd_clip(path, n_frames: int):
 
 def score_fvd(clips, models, device, variant: str, progress) -> dict:
     """{(mode, lang): (generated features (N, 400), real features (M, 400))}."""
-    import numpy as np
     import torch
 
     from evaluation.fvd import i3d_features
@@ -725,28 +725,14 @@ def score_fvd(clips, models, device, variant: str, progress) -> dict:
     if not todo:
         return {}
     detector = models.load("i3d", device)
-    feats, real_cache, real_used = {}, {}, set()
 
     def features(path):
         frames = torch.from_numpy(read_fvd_clip(path, FVD_FRAMES)).permute(0, 3, 1, 2)[None]  # (1, T, 3, H, W)
         videos = frames if variant == "stylegan_v" else frames.float() / 255
         return i3d_features(detector, videos, batch_size=1, variant=variant)
 
-    for clip in _bar(todo, f"fvd ({variant})", progress):
-        def one(clip=clip):
-            key, gt = (clip.row.mode, clip.row.lang), clip.row.gt_video
-            if gt not in real_cache:
-                real_cache[gt] = features(gt)
-            fake = features(clip.video_path)
-            f, r = feats.setdefault(key, ([], []))
-            if (key, gt) not in real_used:  # each real clip counts once per set
-                real_used.add((key, gt))
-                r.append(real_cache[gt])
-            f.append(fake)
-            clip.result.values["fvd_frames"] = FVD_FRAMES
-        _guard(clip, "fvd", one)
-    del detector
-    return {k: (np.concatenate(f), np.concatenate(r)) for k, (f, r) in feats.items() if f and r}
+    return _set_features(todo, "fvd", features, "fvd_frames", lambda _: FVD_FRAMES, progress,
+                         label=f"fvd ({variant})")
 
 
 # ------------------------------------------------------------------------------------------ sets
@@ -991,30 +977,21 @@ def main(argv=None) -> int:
     if argv[:1] == ["make-manifest"]:
         return make_manifest_main(argv[1:])
     args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-    previous = {sig: signal.signal(sig, infer._raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        return run(args)
-    except WeightsMissing as e:
-        _report("error", str(e))
-        return 2
-    except (UserError, infer.UserError) as e:
-        _report("error", str(e))
-        return 1
-    except (ValueError, OSError) as e:
-        _report("error", infer.message_of(e))
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted after {time.perf_counter() - t0:.0f} s; no partial output was left",
-              file=sys.stderr, flush=True)
-        return 130
-    except infer.Terminated as e:
-        print(f"{PROG}: {e} after {time.perf_counter() - t0:.0f} s; no partial output was left",
-              file=sys.stderr, flush=True)
-        return e.exit_code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+    def body():
+        try:
+            return run(args)
+        except WeightsMissing as e:
+            _report("error", str(e))
+            return 2
+        except (UserError, infer.UserError) as e:
+            _report("error", str(e))
+            return 1
+        except (ValueError, OSError) as e:
+            _report("error", infer.message_of(e))
+            return 1
+
+    return infer.run_interruptible(PROG, body)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ from torch import nn
 
 from safe_load import key_report, safe_torch_load
 
+# The reference's face detector lives beside SyncNet in its repository (detectors/s3fd): named here too.
+from evaluation.s3fd import S3FD, detect_faces, load_s3fd  # noqa: E402, F401
+
 FPS = 25
 SAMPLE_RATE = 16000
 FRAME_SIZE = 224

@@ -357,3 +357,10 @@ def test_crop_face_track_on_synthetic_clip(tmp_path):
         face_crop.crop_face_track(None, silent, tmp_path / "x.avi", detect=fake_detect)
     with pytest.raises(FileNotFoundError):
         face_crop.crop_face_track(None, tmp_path / "nowhere.avi", tmp_path / "x.avi", detect=fake_detect)
+
+
+def test_the_detector_is_also_named_beside_syncnet():
+    """As in the reference repository (detectors/s3fd beside SyncNetInstance): evaluation.syncnet names it."""
+    from evaluation import s3fd, syncnet
+
+    assert syncnet.S3FD is s3fd.S3FD and syncnet.detect_faces is s3fd.detect_faces
