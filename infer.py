@@ -92,8 +92,11 @@ def add_model_options(ap: argparse.ArgumentParser):
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under "
                                                   "torchrun cuda:LOCAL_RANK)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="backbone dtype (auto: bfloat16 on CUDA as the reference, float32 on CPU; bfloat16 on CPU: "
-                        "backbone and heads in bf16, ~2x faster, small error)")
+                   help="SpeechLLM dtype, backbone and heads (auto: bfloat16 on CUDA as the reference, and on a CPU "
+                        "with native bf16, AVX512-BF16/AMX/ARM BF16, where a GEMM probe at the loop's shape finds "
+                        "it faster: ~1.7x per patch measured on AVX512-BF16; float32 on other CPUs, where bf16 is "
+                        "emulated and 2-3x slower; the summary line says which and why; --demo on CPU: float32. "
+                        "Error against float32: README, 'bfloat16 on CPU')")
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="run each loop step as a captured CUDA graph over a preallocated KV cache (auto: on "
                         "with CUDA; same numbers as off up to float rounding)")
@@ -101,8 +104,10 @@ def add_model_options(ap: argparse.ArgumentParser):
                    help="CPU: the heads' linear layers through oneDNN with their weights packed once (auto: on "
                         "CPU, the layers large enough to gain; on: all of them; same numbers as off up to float "
                         "rounding; +1.2 GiB at full size in float32; the gain depends on the CPU, see the README)")
-    g.add_argument("--render-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="LIA-X decoder convolution dtype (bfloat16: ~2x faster on CPU, small error)")
+    g.add_argument("--render-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="LIA-X decoder convolution dtype (auto: bfloat16 on a GPU or CPU with native bf16, as "
+                        "--dtype decides: ~2x faster on an AVX512-BF16 CPU; float32 elsewhere; --demo: float32; "
+                        "bf16's frame error is of the order of the H.264 encode's own, see the README)")
     g.add_argument("--render-batch-size", type=int, default=None,
                    help="frames per LIA-X batch (default: chosen from free memory)")
     return weights_group, devices_group
@@ -161,11 +166,41 @@ def message_of(err: BaseException, in_batch_line: bool = False) -> str:
 
 
 def _dist_env():
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    """(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them, checked."""
+    def read(name, default, low):
+        text = os.environ.get(name, str(default))
+        try:
+            value = int(text)
+        except ValueError:
+            raise UserError(f"environment variable {name}={text!r} is not a whole number") from None
+        if value < low:
+            raise UserError(f"environment variable {name}={value} must be >= {low}")
+        return value
+
+    rank, world = read("RANK", 0, 0), read("WORLD_SIZE", 1, 1)
+    local_rank, local_world = read("LOCAL_RANK", rank, 0), read("LOCAL_WORLD_SIZE", world, 1)
+    if rank >= world:
+        raise UserError(f"RANK={rank} is not below WORLD_SIZE={world}: this rank would do nothing")
     return rank, world, local_rank, local_world
+
+
+def check_device(name) -> None:
+    """--device: cpu, cuda or cuda:N (checked before anything loads)."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: this program runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -189,18 +224,22 @@ def read_batch_file(path: str) -> list:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: batch file not found")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file") from None
     entries = []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, raw in enumerate(p.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            entries.append((lineno, f"not valid UTF-8 (byte {e.start + 1})"))
+            continue
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             entries.append((lineno, f"not valid JSON ({e.msg})"))
+            continue
+        except RecursionError:
+            entries.append((lineno, "JSON nested too deeply"))
             continue
         if not isinstance(value, dict):
             entries.append((lineno, f"expected a JSON object, got {type(value).__name__}"))
@@ -275,7 +314,7 @@ def load_pipeline(args, modes):
     import torch
 
     import weights
-    from pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline
+    from pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline, trained_demo_banner
 
     if args.render_batch_size is not None and args.render_batch_size < 1:
         raise UserError(f"--render-batch-size must be >= 1, got {args.render_batch_size}")
@@ -301,10 +340,12 @@ def load_pipeline(args, modes):
     render_dtype = _dtype(args.render_dtype)
     if args.demo:
         if rank == 0:
-            print(RANDOM_WEIGHTS_BANNER, flush=True)
-        pipe = TalkerPipeline.demo(device=device, seed=0, render_dtype=render_dtype,
-                                   render_batch_size=args.render_batch_size, checkpoint_dir=args.checkpoint_dir,
-                                   **({"dtype": _dtype(args.dtype)} if _dtype(args.dtype) else {}))
+            print(trained_demo_banner(args.checkpoint_dir) if args.checkpoint_dir else RANDOM_WEIGHTS_BANNER,
+                  flush=True)
+        pipe = TalkerPipeline.demo(device=device, seed=0, render_batch_size=args.render_batch_size,
+                                   checkpoint_dir=args.checkpoint_dir,
+                                   **({"dtype": _dtype(args.dtype)} if _dtype(args.dtype) else {}),
+                                   **({"render_dtype": render_dtype} if render_dtype else {}))
         pipe.loop_backend, pipe.packed_linear = loop_backend, args.packed_linear
         return pipe
     needs = sorted({c for m in modes for c in weights.needed_for(m)}, key=weights.COMPONENTS.index)
@@ -425,6 +466,8 @@ def main(argv=None) -> int:
             return 1
     try:
         check_stream_flags(args)
+        check_device(args.device)
+        _dist_env()
     except UserError as e:
         _report("error", str(e))
         return 1
@@ -437,19 +480,29 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    def body():
+        try:
+            return run(args)
+        except (UserError, ValueError, OSError) as e:  # FileNotFoundError and MissingWeightsError are OSErrors
+            _report("error", message_of(e))
+            return 1
+
+    return run_interruptible(PROG, body)
+
+
+def run_interruptible(prog: str, body) -> int:
+    """body() with SIGTERM / SIGHUP raised as Terminated: Ctrl-C and those signals end it in one line, with
+    the shell's exit code (130, 128 + signal); the outputs' all-or-nothing writing leaves nothing partial."""
     t0 = time.perf_counter()
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return run(args)
-    except (UserError, ValueError, OSError) as e:  # FileNotFoundError and MissingWeightsError are OSErrors
-        _report("error", message_of(e))
-        return 1
+        return body()
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted after {time.perf_counter() - t0:.0f} s; no partial output was left",
+        print(f"{prog}: interrupted after {time.perf_counter() - t0:.0f} s; no partial output was left",
               file=sys.stderr, flush=True)
         return 130
     except Terminated as e:
-        print(f"{PROG}: {e} after {time.perf_counter() - t0:.0f} s; no partial output was left",
+        print(f"{prog}: {e} after {time.perf_counter() - t0:.0f} s; no partial output was left",
               file=sys.stderr, flush=True)
         return e.exit_code
     finally:

@@ -39,10 +39,11 @@ from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECO
 import longform
 import loop_steps
 import packed_linear as packing  # (`packed_linear` is the mode's name here)
+import precision
 from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
 from motion_stats import denormalize_motion, normalize_motion
 from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
-from request import GenerationRequest, RequestError
+from request import GenerationRequest, RequestError, has_visible_text
 
 REPO_ROOT = Path(__file__).resolve().parent
 SAMPLES = REPO_ROOT / "samples"
@@ -52,6 +53,12 @@ DEFAULT_REF_VIDEO = SAMPLES / "reference_face.mp4"
 
 RANDOM_WEIGHTS_BANNER = ("*** DEMO: tiny RANDOMLY INITIALISED models: the output is noise-like speech and a "
                          "garbled face, NOT Talker-T2AV quality. Use real weights for real results. ***")
+
+
+def trained_demo_banner(checkpoint_dir) -> str:
+    """--demo --checkpoint-dir: the SpeechLLM is trained, the codec, renderer and speaker encoder are not."""
+    return (f"*** DEMO with the tiny SpeechLLM trained in {checkpoint_dir}; its codec, renderer and speaker encoder "
+            "are tiny RANDOMLY INITIALISED models: the audio and face are not real. ***")
 
 # progress: True (tqdm bars on stderr), False / None (silent), or a callable (stage, done, total)
 Progress = Union[bool, None, Callable[[str, int, int], None]]
@@ -80,6 +87,7 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     windows: list = field(default_factory=list)  # long-form: longform.WindowReport per window
+    precision: str = ""  # what the loop and renderer computed in, and why (precision.summary_note)
 
     @property
     def audio_seconds(self) -> float:
@@ -98,7 +106,8 @@ class GenerationResult:
         rate = "" if abs(self.video_fps - self.fps) < 1e-6 else f" at {self.video_fps:.3g} fps"
         video = f", {self.n_frames} frames{rate} ({self.n_frames / self.video_fps:.2f} s video)" if self.n_frames else ""
         return (f"[talker] {self.mode}: {self.audio_seconds:.2f} s audio{video}; {self.n_patches} patches "
-                f"({self.stopped_by}); " + " · ".join(parts) + f" · total {sum(t.values()):.1f}s")
+                f"({self.stopped_by}); " + " · ".join(parts) + f" · total {sum(t.values()):.1f}s"
+                + (f"; {self.precision}" if self.precision else ""))
 
 
 # ------------------------------------------------------------------------------------------ input files
@@ -162,8 +171,8 @@ def load_audio_checked(path, what: str) -> audio_io.ReferenceAudio:
 
 def load_reference_audio(path) -> tuple:
     """(the model's inputs of a reference voice, warnings): a clip over 30 s is cut to its first 30 s."""
-    wav, sr = audio_io.load_audio(path)
-    seconds = wav.numel() / sr
+    seconds = audio_io.audio_seconds(path)  # from the header: a long file is read only as far as it is used
+    wav, sr = audio_io.load_audio(path, max_seconds=MAX_SECONDS + 1 if seconds > MAX_SECONDS + 1 else None)
     check_audio_seconds(path, seconds, "reference audio", any_length=True)
     cut = [f"{path}: reference audio is {seconds:.1f} s long; only its first {MAX_SECONDS} s are used"] \
         if seconds > MAX_SECONDS + 1e-3 else []
@@ -220,6 +229,12 @@ def output_paths(output, mode: str, save_latents: bool = False) -> OutputPaths:
     return paths
 
 
+def _check_count(name: str, value) -> None:
+    """A library argument that counts things: a whole number >= 1 (not a bool, a float or a str)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def same_file(a, b) -> bool:
     """Whether two paths name one file (spelled differently, through links or '..'), existing or not."""
     a, b = Path(os.path.expanduser(os.fspath(a))), Path(os.path.expanduser(os.fspath(b)))
@@ -258,11 +273,19 @@ def _check_writable_folder(output, folder: Path) -> None:
 
 def resolve_request(request: Optional[GenerationRequest] = None, **kwargs) -> GenerationRequest:
     """A validated copy of a request (and/or fields as keyword arguments), with the bundled samples filled
-    in where the mode needs an input. Opens no file."""
+    in where the mode needs an input. Opens no file. `request` may also be a mapping of fields, or a str
+    (the text to speak)."""
+    if isinstance(request, str):
+        request = GenerationRequest(text=request)
+    elif isinstance(request, dict):
+        request = GenerationRequest.from_mapping(request)
+    elif request is not None and not isinstance(request, GenerationRequest):
+        raise TypeError(f"request must be a GenerationRequest, a dict of its fields or the text (a str), got "
+                        f"{type(request).__name__}")
     req = GenerationRequest.from_mapping(kwargs, base=request).validate()
     if req.text is None:
         req.text = "" if req.mode == "a2v" else DEFAULT_TEXT_FILE.read_text(encoding="utf-8")
-    req.text = req.text.strip()
+    req.text = req.text.strip() if has_visible_text(req.text) else ""
     if not req.text and req.mode != "a2v":
         raise RequestError("text", f"empty text: {req.mode} needs the words to speak")
     req.ref_audio = req.ref_audio or str(DEFAULT_REF_AUDIO)
@@ -580,6 +603,19 @@ def _model_slot(name: str, doc: str):
     return property(get, set_, doc=doc)
 
 
+def _demo_dtype(name, device: torch.device, part: str):
+    """TalkerPipeline.demo's (dtype, why): auto is float32 for the tiny models (the loop on CUDA: the reference's
+    bf16 autocast over float32 weights, as ever); a named dtype as precision.resolve_dtype."""
+    if name is None or name == "auto":
+        if part == "loop" and device.type == "cuda":
+            return precision.resolve_dtype("auto", device, part)
+        return torch.float32, "auto: the demo's tiny models stay float32"
+    try:
+        return precision.resolve_dtype(name, device, part)
+    except ValueError as e:
+        raise RequestError("dtype" if part == "loop" else "render_dtype", str(e)) from None
+
+
 class TalkerPipeline:
     llm = _model_slot("llm", "SpeechLLM (backbone + heads)")
     vae = _model_slot("vae", "WhisperX-VAE (reference encoder, decoder)")
@@ -612,6 +648,14 @@ class TalkerPipeline:
         self._encodings = EncodingCache()  # content digest -> encoder outputs, reused across requests
         self.loop_backend = loop_backend
         self.packed_linear = packed_linear
+        self.precision = {}  # "loop"/"render" -> (dtype, why) as from_pretrained/demo chose: the summary line's
+
+    def precision_note(self, mode: str = "t2av") -> str:
+        """What the loop (and, for modes that render, the renderer) compute in and why; '' when unknown."""
+        if "loop" not in self.precision:
+            return ""
+        return precision.summary_note(self.precision["loop"],
+                                      self.precision.get("render") if mode in ("t2av", "a2v") else None)
 
     @property
     def loop_backend(self) -> str:
@@ -676,14 +720,17 @@ class TalkerPipeline:
     @classmethod
     def from_pretrained(cls, checkpoint_dir=None, whisperx_vae_ckpt=None, liax_ckpt=None, wavlm_ckpt=None, *,
                         wavlm_backbone_ckpt=None, llm_name: Optional[str] = "Qwen/Qwen3-0.6B", device=None,
-                        dtype=None, render_dtype=torch.float32, render_batch_size=None, needs=None,
+                        dtype="auto", render_dtype="auto", render_batch_size=None, needs=None,
                         download=False, wavlm_repo=None, wavlm_filename=None,
                         low_memory: bool = False, loop_backend: str = "auto",
                         packed_linear: str = "auto") -> "TalkerPipeline":
         """Load the released weights. Paths default to weights.locate() (env vars CHECKPOINT_DIR,
         WHISPERVAE_CKPT, LIAX_CKPT, WAVLM_CKPT, then the hub cache); download=True fetches what is missing.
 
-        dtype: backbone dtype (None: bfloat16 on CUDA as the reference, float32 on CPU). LIA-X (3.6 GB) is
+        dtype: the SpeechLLM's ('auto' or None, 'float32', 'bfloat16' or a torch.dtype); render_dtype: the LIA-X
+        decoder convolutions'. auto (precision.resolve_dtype): bfloat16 on CUDA (the loop as the reference's
+        autocast; the renderer on GPUs with native bf16) and on CPUs with native bf16 that a GEMM probe finds
+        faster, float32 elsewhere; pipe.precision and the summary line say which and why. LIA-X (3.6 GB) is
         loaded on first use, so a TTS-only session never reads it. `needs`: components to require now.
         Weight files are memory-mapped: a model's pages are read when it runs. low_memory=True (the CLI's
         single runs): every file is checked now, the SpeechLLM is loaded when the loop starts, and each
@@ -696,6 +743,13 @@ class TalkerPipeline:
 
         t0 = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        chosen = {}
+        for part, field_name, name in (("loop", "dtype", dtype), ("render", "render_dtype", render_dtype)):
+            try:
+                chosen[part] = precision.resolve_dtype(name, device, part)
+            except ValueError as e:
+                raise RequestError(field_name, str(e)) from None
+        dtype, render_dtype = chosen["loop"][0], chosen["render"][0]
         if dtype == torch.float16 and device.type != "cuda":
             raise RequestError("dtype", "float16: half precision needs CUDA (on CPU use float32 or bfloat16)")
         packing.resolve(packed_linear, device)  # before gigabytes load, not after
@@ -709,7 +763,7 @@ class TalkerPipeline:
         def load_llm():
             llm = SpeechLLM.from_pretrained(paths.checkpoint_dir, device=device, llm_dtype=dtype)
             if dtype == torch.bfloat16 and device.type == "cpu":
-                llm.to(torch.bfloat16)  # opt-in: backbone and heads compute in bf16 on CPU too (speech_llm.amp)
+                llm.to(torch.bfloat16)  # backbone and heads compute in bf16 on CPU too (speech_llm.amp)
             return llm
 
         def load_vae():
@@ -729,16 +783,20 @@ class TalkerPipeline:
                    render_dtype=render_dtype, render_batch_size=render_batch_size, model_args=model_args,
                    loaders=dict(llm=load_llm, vae=load_vae, speaker_encoder=load_speaker_encoder),
                    low_memory=low_memory, loop_backend=loop_backend, packed_linear=packed_linear)
+        pipe.precision = chosen
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
     @classmethod
-    def demo(cls, device="cpu", seed: int = 0, render_dtype=torch.float32, render_batch_size=None,
-             checkpoint_dir=None, dtype=None, loop_backend: str = "auto",
+    def demo(cls, device="cpu", seed: int = 0, render_dtype="auto", render_batch_size=None,
+             checkpoint_dir=None, dtype="auto", loop_backend: str = "auto",
              packed_linear: str = "auto") -> "TalkerPipeline":
         """Tiny randomly initialised models (fixed seeds), built in memory: the full product path, offline.
         checkpoint_dir: a tiny SpeechLLM saved with save_pretrained (a tiny training run's `final`) to use
-        in place of the random one (with its tokenizer when the folder has one).
+        in place of the random one (with its tokenizer when the folder has one). dtype, render_dtype: as
+        from_pretrained's, but auto keeps the tiny models in float32 (their GEMMs are too small for bf16 to
+        pay, and the demo's outputs stay those the tests pin); on CUDA the loop runs under the reference's
+        bf16 autocast whatever the weights' dtype.
 
         On CPU, unless OMP_NUM_THREADS is set, torch runs one intra-op thread (as infer.py --demo does): the
         tiny models are too small for threads, whose synchronisation dominates (about 6x slower on a busy
@@ -762,7 +820,10 @@ class TalkerPipeline:
             llm = SpeechLLM.from_pretrained(checkpoint_dir)
             if (Path(checkpoint_dir) / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(checkpoint_dir, llm.model_args.model_max_length)
-        if dtype == torch.bfloat16:
+        chosen = {part: _demo_dtype(name, torch.device(device), part)
+                  for part, name in (("loop", dtype), ("render", render_dtype))}
+        dtype, render_dtype = chosen["loop"][0], chosen["render"][0]
+        if dtype == torch.bfloat16 and chosen["loop"][1] == "requested":  # auto on CUDA: autocast, float32 weights
             llm.to(torch.bfloat16)
         spk = speaker_verification.tiny_speaker_encoder(seed + 2)
         gen = lia_x.tiny_generator(seed + 3)
@@ -772,6 +833,7 @@ class TalkerPipeline:
         pipe = cls(llm.to(device), tokenizer, vae.to(device), spk.to(device), gen.to(device), device=device,
                    render_dtype=render_dtype, render_batch_size=render_batch_size, is_demo=True,
                    loop_backend=loop_backend, packed_linear=packed_linear)
+        pipe.precision = chosen
         pipe.load_seconds = time.perf_counter() - t0
         return pipe
 
@@ -898,7 +960,8 @@ class TalkerPipeline:
             speech_latents=assembled.speech_latents, motion_raw=assembled.motion_raw,
             generated_motion_norm=None if req.mode == "tts" else out.motion_norm.float().cpu(),
             n_patches=out.n_patches, stopped_by=out.stopped_by, prefix_frames=assembled.prefix_frames, plan=plan,
-            timings=timings, warnings=list(inputs.warnings), windows=list(reports))
+            timings=timings, warnings=list(inputs.warnings), windows=list(reports),
+            precision=self.precision_note(req.mode))
         if inputs.source_video is not None:
             result.video_frames, result.video_fps = inputs.source_frames, inputs.source_fps
         if reports:
@@ -919,6 +982,7 @@ class TalkerPipeline:
         `output` as generate does). See streaming.stream."""
         import streaming
 
+        _check_count("every", every)
         return streaming.stream(self, request, every=every, progress=progress, lookahead=lookahead,
                                 render=render, mp4=mp4, **kwargs)
 
@@ -927,6 +991,7 @@ class TalkerPipeline:
         (batching.generate_batch: same samples as one by one, up to float rounding)."""
         import batching
 
+        _check_count("batch_size", batch_size)
         return batching.generate_batch(self, requests, batch_size, progress)
 
     def plan(self, req: GenerationRequest, inputs: ModeInputs) -> LengthPlan:

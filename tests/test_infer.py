@@ -119,7 +119,10 @@ def test_render_flags_and_reference_motion_file(tmp_path, capsys):
 
 def test_licences(capsys):
     assert infer.main(["--licences"]) == 0
-    assert "CC BY-NC 4.0" in capsys.readouterr().out
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| file | where it comes from | licence |" and len(lines) == 2 + 4  # a table, one row a file
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    assert any("lia-x.pt" in line and "CC BY-NC 4.0" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------- batch files

@@ -121,9 +121,9 @@ def test_download_size_mismatch_and_hub_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- loading
 
 def test_from_pretrained_matches_the_models_it_was_saved_from(release_dir, demo_pipe, tiny_loaders, no_env):
-    pipe = TalkerPipeline.from_pretrained(
+    pipe = TalkerPipeline.from_pretrained(  # float32: auto is bf16 on a CPU with native bf16 (precision.py)
         release_dir / "talker-t2av", liax_ckpt=release_dir / "lia-x.pt",
-        wavlm_ckpt=release_dir / "wavlm_large_finetune.pth", device="cpu")
+        wavlm_ckpt=release_dir / "wavlm_large_finetune.pth", device="cpu", dtype="float32", render_dtype="float32")
     assert pipe._generator is None  # LIA-X is read on first use only
     a = pipe.generate(mode="t2av", seed=4, progress=False)
     b = demo_pipe.generate(mode="t2av", seed=4, progress=False)
