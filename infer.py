@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -163,6 +164,16 @@ def message_of(err: BaseException, in_batch_line: bool = False) -> str:
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {err.strerror or text}"
     return " ".join(text.split()) or type(err).__name__
+
+
+def in_flag_words(text: str) -> str:
+    """A library message as the command line says it: request fields named by their flags
+    ('face_crop=center' -> '--face-crop center', 'max_seconds' -> '--max-seconds')."""
+    for name, flag in REQUEST_FLAGS.items():
+        if "_" in name:
+            text = re.sub(rf"(?<![\w-]){name}=(\S+)", rf"{flag} \1", text)
+            text = re.sub(rf"(?<![\w-]){name}\b", flag, text)
+    return text
 
 
 def _dist_env():
@@ -410,7 +421,7 @@ def run(args) -> int:
             _report("error", f"{job.label}{message_of(e, in_batch_line=True)}")
             continue
         for warning in result.warnings:
-            _report("warning", f"{job.label}{warning}")
+            _report("warning", f"{job.label}{warning if args.batch_file else in_flag_words(warning)}")
         written = [p for p in (result.video_path, result.wav_path, result.latents_path) if p]
         print(f"{job.label}{result.summary()}", flush=True)
         print(f"{job.label}[talker] wrote " + ", ".join(written), flush=True)

@@ -99,3 +99,12 @@ def test_long_reference_audio_is_read_only_as_far_as_it_is_used(tmp_path, monkey
                         real(path, max_seconds))
     ref, warnings = pipeline.load_reference_audio(tmp_path / "long.wav")
     assert reads == [31] and "95.0 s long" in warnings[0]
+
+
+def test_cli_warnings_name_flags_not_request_fields():
+    text = ("generation hit the length cap (7 patches = 1.1 s) before the model chose to stop: use a longer "
+            "reference clip or max_seconds; face.mp4 is 640x480: squashed (face_crop=center crops instead)")
+    said = infer.in_flag_words(text)
+    assert "--max-seconds;" in said and "(--face-crop center crops" in said
+    assert "max_seconds" not in said and "face_crop" not in said
+    assert infer.in_flag_words("the --max-seconds flag") == "the --max-seconds flag"  # flags stay as they are
