@@ -299,6 +299,8 @@ def _spare_files(job: Job, args, written: dict) -> Job:
     outputs = output_paths(req.output, req.mode, req.save_latents).members()
     partial = stream_path(args, req)
     if partial not in (None, "-"):
+        if Path(os.path.expanduser(partial)).is_dir():
+            return Job(job.label, None, f"--stream: {partial} (the growing stream file) is a directory")
         outputs.append(partial)
     try:
         check_outputs_spare_inputs(req, outputs, [("the batch file", args.batch_file)] if args.batch_file else [])

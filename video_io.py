@@ -154,10 +154,19 @@ def _read_exactly(stream, buf: memoryview) -> int:
     return got
 
 
+MIN_FACE_PIXELS = 32  # a smaller picture holds no face to render (LIA-X works at 256 or 512)
+
+
 def check_video_stream(path) -> None:
-    """ValueError unless the file's header shows a video stream (nothing decoded)."""
-    if _media_info(path)["video"] is None:
+    """ValueError unless the file's header shows a video stream of at least MIN_FACE_PIXELS on each side
+    (nothing decoded)."""
+    video = _media_info(path)["video"]
+    if video is None:
         raise ValueError(f"{path}: {NO_VIDEO_STREAM}")
+    w, h = video.get("width"), video.get("height")
+    if w and h and min(w, h) < MIN_FACE_PIXELS:
+        raise ValueError(f"{path}: the picture is {w}x{h}: too small to hold a face (at least "
+                         f"{MIN_FACE_PIXELS}x{MIN_FACE_PIXELS} pixels)")
 
 
 def read_frames(path, max_frames: int | None = None) -> tuple[np.ndarray, float]:

@@ -108,3 +108,13 @@ def test_cli_warnings_name_flags_not_request_fields():
     assert "--max-seconds;" in said and "(--face-crop center crops" in said
     assert "max_seconds" not in said and "face_crop" not in said
     assert infer.in_flag_words("the --max-seconds flag") == "the --max-seconds flag"  # flags stay as they are
+
+
+@pytest.mark.parametrize("size", [(1, 1), (31, 200), (200, 8)])
+def test_a_picture_too_small_for_a_face_is_refused(tmp_path, no_models, capsys, size):
+    from PIL import Image
+
+    face = tmp_path / "face.png"
+    Image.new("RGB", size, (200, 150, 120)).save(face)
+    assert infer.main(["--demo", "--ref-video", str(face), "--output", str(tmp_path / "o.mp4")]) == 1
+    _one_line_error(capsys, f"{size[0]}x{size[1]}: too small to hold a face")

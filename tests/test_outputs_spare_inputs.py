@@ -100,3 +100,9 @@ def test_collisions_are_found_across_ranks(inputs, monkeypatch):
     args = infer.build_parser().parse_args(["--demo", "--batch-file", str(batch)])
     (job,) = infer.jobs(args)  # rank 1 holds line 2, which collides with rank 0's line 1
     assert job.request is None and "also written by" in job.error
+
+
+def test_a_stream_file_that_is_a_directory_is_refused_up_front(tmp_path, no_models, capsys):
+    (tmp_path / "o.partial.mp4").mkdir()
+    assert infer.main(["--demo", "--output", str(tmp_path / "o.mp4"), "--stream"]) == 1
+    assert "o.partial.mp4 (the growing stream file) is a directory" in capsys.readouterr().err
