@@ -41,7 +41,6 @@ def bad_cases(tmp: Path):
         ("too short", dict(mode="a2v", audio=tmp / "short.wav"), "short.wav"),
         ("empty text", dict(text="   "), "field:text"),
         ("text too long", dict(text="word " * 400, long_form=False), "field:text"),
-        ("text window too long", dict(text="w" * 2000), "field:text"),
         ("video without frames", dict(ref_video=tmp / "silent.wav"), "silent.wav"),
         ("broken video", dict(mode="v2a", video=tmp / "broken.mp4"), "broken.mp4"),
         ("missing video", dict(mode="v2a", video=tmp / "gone.mp4"), "gone.mp4"),
