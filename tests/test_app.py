@@ -628,18 +628,6 @@ def test_each_tab_explains_its_inputs_in_its_own_words(app, client):
     assert "motion" not in shown["tts"]["save_latents"][1] and "motion" in shown["t2av"]["save_latents"][1]
 
 
-def test_sigterm_during_a_generation_stops_it_then_the_server_cleanly(server, client):
-    job = client.submit(text="Rendering as the server stops.", cfm_steps=1, max_seconds=10, api_name="/t2av")
-    _wait_for_progress(job, 1, "render")  # 264 frames to render: the abort came from a render cut short
-    assert list(server.tmp.glob("talker-app-*"))  # uploads, outputs
-    assert server.stop() == 128 + signal.SIGTERM  # as infer.py; not SIGABRT
-    assert _stops(server)[-1][:3] == ("t2av", "the server is stopping", "render")
-    assert not list(server.tmp.glob("talker-app-*"))
-    log = server.log()
-    assert "Traceback" not in log and "terminate called" not in log
-    assert "app.py: SIGTERM after" in log
-
-
 def test_readme_gradio_client_snippet_runs_as_written(server, tmp_path, monkeypatch):
     """The README's gradio_client block, pointed at this server's port, from a folder with samples/ beside it."""
     from test_readme_snippets import python_blocks
@@ -653,3 +641,17 @@ def test_readme_gradio_client_snippet_runs_as_written(server, tmp_path, monkeypa
     video = namespace["video"]
     path = video["video"] if isinstance(video, dict) else video
     assert Path(path).stat().st_size > 0 and "t2av" in namespace["report"]
+
+
+# stops the module's server: keep it last
+def test_sigterm_during_a_generation_stops_it_then_the_server_cleanly(server, client):
+    job = client.submit(text="Rendering as the server stops.", cfm_steps=1, max_seconds=10, api_name="/t2av")
+    _wait_for_progress(job, 1, "render")  # 264 frames to render: the abort came from a render cut short
+    assert list(server.tmp.glob("talker-app-*"))  # uploads, outputs
+    assert server.stop() == 128 + signal.SIGTERM  # as infer.py; not SIGABRT
+    assert _stops(server)[-1][:3] == ("t2av", "the server is stopping", "render")
+    assert not list(server.tmp.glob("talker-app-*"))
+    log = server.log()
+    assert "Traceback" not in log and "terminate called" not in log
+    assert "app.py: SIGTERM after" in log
+
