@@ -1,8 +1,11 @@
 """Nothing hangs: a stream stopped at any moment (an exception or Ctrl-C before the first frame, a reader of
 stdout that leaves early) returns promptly, re-raises, and leaves no partial file."""
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +73,27 @@ def test_reader_of_stdout_leaving_early_is_not_an_error(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "closed it before the end" in err
     assert (tmp_path / "o.mp4").is_file() and (tmp_path / "o.wav").is_file()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_at_any_moment_of_a_stream_ends_it_and_leaves_nothing(tmp_path, sig, code):
+    """The CLI streaming, signalled at several moments from start-up to rendering: it ends within the guard
+    with the shell's code (or 0 when the run had already finished) and leaves no file but finished outputs."""
+    for delay in (0.3, 1.0, 2.0, 3.5):
+        folder = tmp_path / f"{sig.name}_{delay}"
+        folder.mkdir()
+        proc = subprocess.Popen([sys.executable, str(REPO / "infer.py"), "--demo", "--quiet", "--text",
+                                 "Hello there, a sentence to stream.", "--stream", str(folder / "o.mp4")],
+                                cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
+        err = err.decode()
+        assert "Traceback" not in err, err
+        left = sorted(p.name for p in folder.iterdir())
+        if proc.returncode == 0:  # finished before the signal
+            assert left == ["o.mp4", "o.wav"], left
+        else:
+            # -sig: killed by the signal while Python starts, before any handler (or file) exists
+            assert proc.returncode in (code, -sig) and left == [], (delay, proc.returncode, left, err)
