@@ -995,10 +995,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if "--download" not in sys.argv[1:]:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched unless asked for
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before anything is written
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr, flush=True)
-        sys.exit(130)
+    import infer
+
+    infer.run_cli(main, PROG)

@@ -523,11 +523,17 @@ def run_interruptible(prog: str, body) -> int:
             signal.signal(sig, handler)
 
 
-if __name__ == "__main__":
+def run_cli(main_fn, prog: str = PROG) -> None:
+    """A command line's entry point: nothing fetched unless --download is given, and Ctrl-C while the
+    libraries load (before anything is written) is one line and exit code 130."""
     if "--download" not in sys.argv[1:]:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched unless asked for
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while the libraries load, before anything is written
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr, flush=True)
+        sys.exit(main_fn())
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main)
