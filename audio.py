@@ -89,8 +89,12 @@ def save_wav(path, wav, sr: int = CODEC_SAMPLE_RATE, subtype: str = "FLOAT", ato
 # Resampling (torchaudio.transforms.Resample(orig, new) with its defaults)
 # ---------------------------------------------------------------------------------------------
 
+_LOWPASS_FILTER_WIDTH, _ROLLOFF = 6, 0.99  # torchaudio's sinc_interp_hann defaults
+
+
 @functools.lru_cache(maxsize=16)
-def _sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int = 6, rolloff: float = 0.99):
+def _sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int = _LOWPASS_FILTER_WIDTH,
+                          rolloff: float = _ROLLOFF):
     """Polyphase Hann-windowed sinc kernel (new, 1, 2*width + orig) for gcd-reduced rates.
 
     Row j is the filter producing output sample j of every block of `new` outputs; the kernel is
@@ -111,8 +115,26 @@ def _sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int = 6, ro
     return kernel.to(torch.float32), width
 
 
-def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Band-limited resampling of the last axis, same numbers as torchaudio's Resample(orig, new).
+def sinc_kernel_in_dtype(orig: int, new: int, dtype: torch.dtype, device=None):
+    """torchaudio's sinc_interp_hann kernel (new, 1, 2*width + orig) built in the waveform's dtype.
+
+    Every step runs in `dtype` (Python-double scalars applied to the tensor), which is what
+    functional.resample does; the float64-then-cast kernel of transforms.Resample differs by ~1e-6.
+    """
+    base = min(orig, new) * _ROLLOFF
+    width = math.ceil(_LOWPASS_FILTER_WIDTH * orig / base)
+    taps = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + taps
+    t = (t * base).clamp(-_LOWPASS_FILTER_WIDTH, _LOWPASS_FILTER_WIDTH)
+    window = torch.cos(t * math.pi / _LOWPASS_FILTER_WIDTH / 2) ** 2
+    t = t * math.pi
+    kernel = torch.where(t == 0, torch.ones_like(t), t.sin() / t)
+    return kernel * (window * (base / orig)), width
+
+
+def resample(wav: torch.Tensor, orig_sr: int, new_sr: int, functional: bool = False) -> torch.Tensor:
+    """Band-limited resampling of the last axis, same numbers as torchaudio's Resample(orig, new), or with
+    functional=True as torchaudio.functional.resample (its kernel built in the waveform's dtype: ~1e-6 apart).
 
     Rates are reduced by their gcd to orig'/new'; the signal is padded by `width` on the left and
     `width + orig'` on the right, convolved with the (new', 1, K) kernel at stride orig' (each
@@ -126,8 +148,11 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return wav
     gcd = math.gcd(orig_sr, new_sr)
     orig, new = orig_sr // gcd, new_sr // gcd
-    kernel, width = _sinc_resample_kernel(orig, new)
-    kernel = kernel.to(device=wav.device, dtype=wav.dtype)
+    if functional:
+        kernel, width = sinc_kernel_in_dtype(orig, new, wav.dtype, wav.device)
+    else:
+        kernel, width = _sinc_resample_kernel(orig, new)
+        kernel = kernel.to(device=wav.device, dtype=wav.dtype)
 
     lead_shape, length = wav.shape[:-1], wav.shape[-1]
     wav_n1t = wav.reshape(-1, 1, length)

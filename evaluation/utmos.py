@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SAMPLE_RATE = 16000
+import audio
 
-# resampling (torchaudio.functional.resample defaults)
-LOWPASS_FILTER_WIDTH = 6
-ROLLOFF = 0.99
+SAMPLE_RATE = 16000
 
 # wav2vec 2.0 base
 CONV_DIM = 512
@@ -46,45 +44,13 @@ PROJ_HIDDEN = 2048
 # Resampling
 # ---------------------------------------------------------------------------------------------
 
-def _sinc_kernel_float32(orig: int, new: int, dtype: torch.dtype, device=None):
-    """torchaudio's sinc_interp_hann kernel (new, 1, 2*width + orig) built in the waveform's dtype.
-
-    Every step runs in `dtype` (Python-double scalars applied to the tensor), which is what
-    functional.resample does; the float64-then-cast kernel of transforms.Resample differs by ~1e-6.
-    """
-    base = min(orig, new) * ROLLOFF
-    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
-    taps = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + taps
-    t = (t * base).clamp(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
-    window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
-    t = t * math.pi
-    kernel = torch.where(t == 0, torch.ones_like(t), t.sin() / t)
-    return kernel * (window * (base / orig)), width
-
-
 def resample_float32(wave: torch.Tensor, sr: int, new_sr: int = SAMPLE_RATE) -> torch.Tensor:
-    """torchaudio.functional.resample(wave, sr, new_sr) on the last axis, bit for bit.
+    """torchaudio.functional.resample(wave, sr, new_sr) on the last axis, bit for bit: the kernel built in
+    the waveform's dtype (audio.resample's functional path). Equal rates return the input itself."""
+    return audio.resample(wave, sr, new_sr, functional=True)
 
-    Equal rates return the input itself. Otherwise the rates are reduced by their gcd to orig/new,
-    the signal is zero-padded (width left, width + orig right), convolved at stride orig with one
-    polyphase branch per output channel, the branches are interleaved, and ceil(new * T / orig)
-    samples are kept.
-    """
-    sr, new_sr = int(sr), int(new_sr)
-    if sr <= 0 or new_sr <= 0:
-        raise ValueError(f"sample rates must be positive, got {sr} -> {new_sr}")
-    if sr == new_sr:
-        return wave
-    gcd = math.gcd(sr, new_sr)
-    orig, new = sr // gcd, new_sr // gcd
-    kernel, width = _sinc_kernel_float32(orig, new, wave.dtype, wave.device)
 
-    lead_shape, length = wave.shape[:-1], wave.shape[-1]
-    wave_n1t = F.pad(wave.reshape(-1, 1, length), (width, width + orig))
-    branches_ncb = F.conv1d(wave_n1t, kernel, stride=orig)  # (N, new phases, blocks)
-    out_nt = branches_ncb.transpose(1, 2).reshape(wave_n1t.shape[0], -1)
-    return out_nt[:, : math.ceil(new * length / orig)].reshape(*lead_shape, -1)
+_sinc_kernel_float32 = audio.sinc_kernel_in_dtype  # the kernel alone (tests compare it with the stored one)
 
 
 # ---------------------------------------------------------------------------------------------
