@@ -10,9 +10,7 @@ MAX_SECONDS = 30  # one generation window / one Whisper pass
 MAX_FRAMES = FPS * MAX_SECONDS  # 750: the reference's FIXED_MOTION_LEN
 MIN_SECONDS = 0.1  # shorter clips give fewer than a few latent frames
 
-SPEECH_DIM = 32  # WhisperX-VAE latent channels
 MOTION_DIM = 40  # LIA-X motion channels
-SPEAKER_DIM = 256  # ECAPA-TDNN embedding
 
 # The released inference loop (infer.py: ar_generate_motion_continuation)
 RELEASED_CAP_MARGIN_PATCHES = 15  # patches allowed past the reference clip's length (15 x 160 ms = 2.4 s)

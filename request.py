@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import unicodedata
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Optional
 
 from constants import FPS, MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS
@@ -98,13 +98,6 @@ class GenerationRequest:
             raise RequestError(unknown[0], f"unknown option (allowed: {', '.join(known)})")
         converted = {name: _convert(known[name], value) for name, value in values.items()}
         return replace(base or cls(), **converted)
-
-    @classmethod
-    def field_names(cls) -> tuple:
-        return tuple(f.name for f in fields(cls))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     # ---------------------------------------------------------------------------------------- checks
     def validate(self) -> "GenerationRequest":

@@ -31,7 +31,7 @@ import packed_linear
 from constants import SAMPLES_PER_FRAME, SAMPLES_PER_FRAME_16K
 from llama4nar import DecoderConfig, PatchEncoder
 from local_dit import VoxCPMLocDiT
-from prompt import SPEECH_TOKEN, build_chat_and_spans, build_prompt, load_tokenizer, to_patches  # noqa: F401
+from prompt import build_prompt, to_patches
 from safe_load import key_report, mmap_safetensors, safetensors_header
 from unified_cfm import CfmConfig, UnifiedCFM
 

@@ -97,6 +97,12 @@ def demo_pipe():
 
 
 @pytest.fixture(scope="module")
+def pipe(demo_pipe):
+    """The tiny demo pipeline, built once per test module (the name the runtime tests use)."""
+    return demo_pipe
+
+
+@pytest.fixture(scope="module")
 def release_dir(tmp_path_factory, demo_pipe):
     """The demo models saved in the released layout: <root>/talker-t2av/, <root>/whisperx-vae/model.ckpt,
     lia-x.pt, wavlm_large_finetune.pth."""

@@ -8,16 +8,11 @@ import longform
 from constants import MAX_SECONDS, SAMPLES_PER_FRAME
 from generation import plan_lengths
 from motion_stats import normalize_motion
-from pipeline import DEFAULT_REF_AUDIO, TalkerPipeline, preflight, resolve_request
+from pipeline import DEFAULT_REF_AUDIO, preflight, resolve_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEN_SENTENCES = " ".join(f"This is sentence number {i}, one of ten in a paragraph that is long." for i in range(10))
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return TalkerPipeline.demo()
 
 
 # ---------------------------------------------------------------------------------------------- windows

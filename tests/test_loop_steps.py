@@ -9,11 +9,6 @@ from pipeline import TalkerPipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return TalkerPipeline.demo()
-
-
 def _run(pipe, backend, **kw):
     pipe.llm.loop_backend = backend
     try:

@@ -21,11 +21,6 @@ FRAME_S = 1 / 25
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return TalkerPipeline.demo()
-
-
 def _gen(pipe, **kw):
     kw.setdefault("progress", False)
     return pipe.generate(**kw)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from generation import plan_lengths
 from prompt import build_chat_and_spans, build_prompt
-from speech_llm import ModelArguments, SpeechLLM, qwen3_0_6b_config, released_model_args, tiny_model_args_and_config
+from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args, tiny_model_args_and_config
 
 PS = 4
 

@@ -11,18 +11,12 @@ import torch
 import video_io
 import whisperx_vae
 from lia_x import render as liax_render
-from pipeline import TalkerPipeline
 from streaming import Chunk
 from whisperx_vae import DECODER_CONTEXT_FRAMES, StreamingDecoder, decode_span
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 LONG_TEXT = " ".join(f"Sentence {i} is here, in a text that goes on for a while." for i in range(8))
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return TalkerPipeline.demo()
 
 
 @pytest.fixture(scope="module")
