@@ -988,6 +988,8 @@ def main(argv=None) -> int:
             _report("error", str(e))
             return 1
         except (ValueError, OSError) as e:
+            if infer.SIGNALS_SEEN:  # an error the interruption caused: reported as the interruption
+                raise
             _report("error", infer.message_of(e))
             return 1
 

@@ -147,8 +147,17 @@ class Terminated(BaseException):
         self.exit_code = 128 + signum
 
 
+SIGNALS_SEEN: list = []  # signals received by run_interruptible's handlers, first first
+
+
 def _raise_terminated(signum, frame):
+    SIGNALS_SEEN.append(signum)
     raise Terminated(signum)
+
+
+def _raise_interrupt(signum, frame):
+    SIGNALS_SEEN.append(signum)
+    raise KeyboardInterrupt
 
 
 def message_of(err: BaseException, in_batch_line: bool = False) -> str:
@@ -497,6 +506,8 @@ def _main(args) -> int:
         try:
             return run(args)
         except (UserError, ValueError, OSError) as e:  # FileNotFoundError and MissingWeightsError are OSErrors
+            if SIGNALS_SEEN:  # an error the interruption caused: reported as the interruption
+                raise
             _report("error", message_of(e))
             return 1
 
@@ -504,20 +515,27 @@ def _main(args) -> int:
 
 
 def run_interruptible(prog: str, body) -> int:
-    """body() with SIGTERM / SIGHUP raised as Terminated: Ctrl-C and those signals end it in one line, with
-    the shell's exit code (130, 128 + signal); the outputs' all-or-nothing writing leaves nothing partial."""
+    """body() with Ctrl-C, SIGTERM and SIGHUP ending it in one line with the shell's exit code (130, 128 + signal);
+    the outputs' all-or-nothing writing leaves nothing partial. A signal that lands inside an import can leave a
+    library half-imported and surface as another error (an ImportError, a RecursionError): once a signal was
+    received, any error is reported as the interruption."""
     t0 = time.perf_counter()
-    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    SIGNALS_SEEN.clear()
+    handlers = {signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_terminated, signal.SIGHUP: _raise_terminated}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         return body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted after {time.perf_counter() - t0:.0f} s; no partial output was left",
+    except (KeyboardInterrupt, Terminated, Exception) as e:
+        if isinstance(e, Exception) and not SIGNALS_SEEN:
+            raise
+        if SIGNALS_SEEN:
+            signum = SIGNALS_SEEN[0]
+        else:
+            signum = e.exit_code - 128 if isinstance(e, Terminated) else signal.SIGINT
+        what = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{prog}: {what} after {time.perf_counter() - t0:.0f} s; no partial output was left",
               file=sys.stderr, flush=True)
-        return 130
-    except Terminated as e:
-        print(f"{prog}: {e} after {time.perf_counter() - t0:.0f} s; no partial output was left",
-              file=sys.stderr, flush=True)
-        return e.exit_code
+        return 128 + signum
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

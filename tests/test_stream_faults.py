@@ -97,3 +97,25 @@ def test_a_signal_at_any_moment_of_a_stream_ends_it_and_leaves_nothing(tmp_path,
         else:
             # -sig: killed by the signal while Python starts, before any handler (or file) exists
             assert proc.returncode in (code, -sig) and left == [], (delay, proc.returncode, left, err)
+
+
+def test_an_error_caused_by_a_signal_is_reported_as_the_interruption(tmp_path, capsys, monkeypatch):
+    """A signal landing inside an import can leave a library half-imported and surface as another error: once
+    a signal was received, the CLI reports the interruption (exit 128 + signal), not a traceback."""
+    import infer
+
+    def run(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # as from the terminal: the handler raises KeyboardInterrupt...
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # ...which a library swallows,
+        raise ImportError("cannot import name 'WavLMModel' (half-imported)")  # and its next import fails
+
+    monkeypatch.setattr(infer, "run", run)
+    assert infer.main(["--demo", "--output", str(tmp_path / "o.mp4")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after" in err and "Traceback" not in err and "WavLMModel" not in err
+    monkeypatch.setattr(infer, "run", lambda args: (_ for _ in ()).throw(ImportError("unrelated")))
+    with pytest.raises(ImportError):  # without a signal an unexpected error is not hidden
+        infer.main(["--demo", "--output", str(tmp_path / "o.mp4")])
