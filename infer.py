@@ -514,43 +514,54 @@ def _main(args) -> int:
     return run_interruptible(PROG, body)
 
 
+STOP_HANDLERS = {signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_terminated,
+                 signal.SIGHUP: _raise_terminated}
+
+
 def run_interruptible(prog: str, body) -> int:
     """body() with Ctrl-C, SIGTERM and SIGHUP ending it in one line with the shell's exit code (130, 128 + signal);
     the outputs' all-or-nothing writing leaves nothing partial. A signal that lands inside an import can leave a
-    library half-imported and surface as another error (an ImportError, a RecursionError): once a signal was
-    received, any error is reported as the interruption."""
+    library half-imported and surface later as another error (an ImportError, a RecursionError): once a signal
+    was received (SIGNALS_SEEN, from the start of the command), any error is reported as the interruption."""
     t0 = time.perf_counter()
-    SIGNALS_SEEN.clear()
-    handlers = {signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_terminated, signal.SIGHUP: _raise_terminated}
-    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in STOP_HANDLERS.items()}
     try:
         return body()
     except (KeyboardInterrupt, Terminated, Exception) as e:
-        if isinstance(e, Exception) and not SIGNALS_SEEN:
-            raise
-        if SIGNALS_SEEN:
-            signum = SIGNALS_SEEN[0]
-        else:
-            signum = e.exit_code - 128 if isinstance(e, Terminated) else signal.SIGINT
-        what = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"{prog}: {what} after {time.perf_counter() - t0:.0f} s; no partial output was left",
-              file=sys.stderr, flush=True)
-        return 128 + signum
+        return _stopped(prog, e, t0)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
+def _stopped(prog: str, err: BaseException, t0: float) -> int:
+    """The exit code of a run that a signal stopped, said in one line; other errors are re-raised."""
+    if isinstance(err, Exception) and not SIGNALS_SEEN:
+        raise err
+    if SIGNALS_SEEN:
+        signum = SIGNALS_SEEN[0]
+    else:
+        signum = err.exit_code - 128 if isinstance(err, Terminated) else signal.SIGINT
+    what = "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name
+    print(f"{prog}: {what} after {time.perf_counter() - t0:.0f} s; no partial output was left",
+          file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def run_cli(main_fn, prog: str = PROG) -> None:
-    """A command line's entry point: nothing fetched unless --download is given, and Ctrl-C while the
-    libraries load (before anything is written) is one line and exit code 130."""
+    """A command line's entry point: nothing fetched unless --download is given; the stop signals are caught
+    from the first moment (a signal while the libraries load is one line and 128 + signal, nothing written)."""
     if "--download" not in sys.argv[1:]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    SIGNALS_SEEN.clear()
+    for sig, handler in STOP_HANDLERS.items():
+        signal.signal(sig, handler)
+    t0 = time.perf_counter()
     try:
-        sys.exit(main_fn())
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr, flush=True)
-        sys.exit(130)
+        code = main_fn()
+    except (KeyboardInterrupt, Terminated, Exception) as e:
+        code = _stopped(prog, e, t0)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,12 @@ def test_an_error_caused_by_a_signal_is_reported_as_the_interruption(tmp_path, c
             pass  # ...which a library swallows,
         raise ImportError("cannot import name 'WavLMModel' (half-imported)")  # and its next import fails
 
+    monkeypatch.setattr(infer, "SIGNALS_SEEN", [])  # this process's record, put back after the test
     monkeypatch.setattr(infer, "run", run)
     assert infer.main(["--demo", "--output", str(tmp_path / "o.mp4")]) == 130
     err = capsys.readouterr().err
     assert "interrupted after" in err and "Traceback" not in err and "WavLMModel" not in err
+    infer.SIGNALS_SEEN.clear()
     monkeypatch.setattr(infer, "run", lambda args: (_ for _ in ()).throw(ImportError("unrelated")))
     with pytest.raises(ImportError):  # without a signal an unexpected error is not hidden
         infer.main(["--demo", "--output", str(tmp_path / "o.mp4")])
