@@ -548,6 +548,18 @@ def _stopped(prog: str, err: BaseException, t0: float) -> int:
     return 128 + signum
 
 
+def _redeliver_swallowed_stop(previous_hook):
+    """A stop signal whose exception was raised inside a finaliser (`__del__`) is swallowed by Python (printed as
+    "Exception ignored in ..."), and the run would go on: send the signal again instead, so that it lands outside."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)) and SIGNALS_SEEN:
+            signal.raise_signal(SIGNALS_SEEN[0])
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
 def run_cli(main_fn, prog: str = PROG) -> None:
     """A command line's entry point: nothing fetched unless --download is given; the stop signals are caught
     from the first moment (a signal while the libraries load is one line and 128 + signal, nothing written)."""
@@ -556,6 +568,7 @@ def run_cli(main_fn, prog: str = PROG) -> None:
     SIGNALS_SEEN.clear()
     for sig, handler in STOP_HANDLERS.items():
         signal.signal(sig, handler)
+    sys.unraisablehook = _redeliver_swallowed_stop(sys.unraisablehook)
     t0 = time.perf_counter()
     try:
         code = main_fn()

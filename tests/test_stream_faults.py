@@ -121,3 +121,19 @@ def test_an_error_caused_by_a_signal_is_reported_as_the_interruption(tmp_path, c
     monkeypatch.setattr(infer, "run", lambda args: (_ for _ in ()).throw(ImportError("unrelated")))
     with pytest.raises(ImportError):  # without a signal an unexpected error is not hidden
         infer.main(["--demo", "--output", str(tmp_path / "o.mp4")])
+
+
+def test_a_stop_swallowed_by_a_finaliser_is_sent_again(monkeypatch):
+    """Python swallows an exception raised in __del__ ("Exception ignored in ..."): a Ctrl-C landing there
+    would let the run go on. The CLI's hook sends the signal again instead; other unraisables pass through."""
+    import types
+
+    import infer
+
+    sent, passed = [], []
+    monkeypatch.setattr(infer, "SIGNALS_SEEN", [signal.SIGINT])
+    monkeypatch.setattr(signal, "raise_signal", sent.append)
+    hook = infer._redeliver_swallowed_stop(passed.append)
+    hook(types.SimpleNamespace(exc_value=KeyboardInterrupt()))
+    hook(types.SimpleNamespace(exc_value=ValueError("a finaliser's own error")))
+    assert sent == [signal.SIGINT] and len(passed) == 1
