@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+import weights
 from atomic import atomic_output
 
 
@@ -127,14 +128,7 @@ def torch_hub_checkpoints() -> Path:
     return Path(torch_home) / "hub" / "checkpoints"
 
 
-def _hub_cached(repo_id: str, filename: str) -> Optional[str]:
-    try:
-        import huggingface_hub as hub
-
-        found = hub.try_to_load_from_cache(repo_id=repo_id, filename=filename)
-    except Exception:  # noqa: BLE001 - a broken cache is the same as no cache here
-        return None
-    return found if isinstance(found, str) and os.path.isfile(found) else None
+_hub_cached = weights._cached  # a file of the local hub cache or None, as infer.py's weights are found
 
 
 def _given(path, name: str, origin: str, folder: bool = False) -> str:
