@@ -39,12 +39,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 
 import infer  # noqa: E402
-import video_io  # noqa: E402
-from constants import MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS  # noqa: E402
-from longform import CJK_CHARS_PER_SECOND, LATIN_CHARS_PER_SECOND, WINDOW_SECONDS, estimate_speech_seconds  # noqa: E402
-from pipeline import (DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, RANDOM_WEIGHTS_BANNER,  # noqa: E402
+from media import video_io  # noqa: E402
+from common.constants import MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS  # noqa: E402
+from runtime.longform import CJK_CHARS_PER_SECOND, LATIN_CHARS_PER_SECOND, WINDOW_SECONDS, estimate_speech_seconds  # noqa: E402
+from runtime.pipeline import (DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, RANDOM_WEIGHTS_BANNER,  # noqa: E402
                       SAMPLES, preflight)
-from request import MODES, GenerationRequest, RequestError, field_kind  # noqa: E402
+from runtime.request import MODES, GenerationRequest, RequestError, field_kind  # noqa: E402
 
 PROG = "app.py"
 MAX_UPLOAD_MB = 200  # a 30 s clip (one model window, constants.MAX_SECONDS) of high-bitrate 1080p video fits

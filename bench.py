@@ -46,15 +46,15 @@ def _llm_rows(model, device, label, max_seconds=None, variants=None):
     ref_speech = torch.randn(125, 32, generator=g).to(device)  # 5 s of reference latents
     ref_motion = torch.randn(124, 40, generator=g).to(device)
     speaker = torch.randn(1, 256, generator=g).to(device)
-    from generation import Sampling
+    from runtime.generation import Sampling, generate
     never_stop = Sampling(stop_min_patches=10**6)
-    run = lambda: model.generate(ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop,  # noqa: E731
-                                 max_seconds=max_seconds)
+    run = lambda: generate(model, ids, 30, ref_speech, speaker, ref_motion, sampling=never_stop,  # noqa: E731
+                           max_seconds=max_seconds)
     rows = []
     for backend, packed in variants or _loop_variants(device):
         model.loop_backend, model.packed_linear = backend, packed
         torch.manual_seed(0)
-        model.generate(ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
+        generate(model, ids, 30, ref_speech, speaker, ref_motion, max_seconds=0.5)  # warm-up (few patches)
         out, seconds = _timed(run, device)
         kernels = f", packed linear {packed}" if device.type == "cpu" else ""
         rows.append(dict(stage=label, what=f"T2AV AR loop, {out.n_patches} patches (no early stop), {backend}{kernels}",
@@ -67,7 +67,7 @@ def _llm_rows(model, device, label, max_seconds=None, variants=None):
 def _loop_variants(device):
     """(loop backend, packed linear) pairs timed, the default first. static = the CUDA-graph loop's code without
     the capture; packed linear off = plain F.linear (the CPU loop before packed weights)."""
-    import packed_linear
+    from common import packed_linear
     if device.type == "cuda":
         return [("cuda_graphs", "off"), ("eager", "off"), ("static", "off")]
     if not packed_linear.available():
@@ -108,7 +108,7 @@ def gemm_peak(m, k, n, dtype, device, repeats=3):
     and (on CPU) oneDNN with packed weights, cycling through enough distinct weights that they stream from
     memory as the model's weights do (a cached weight overstates small m)."""
     import torch
-    import packed_linear
+    from common import packed_linear
     n_weights = max(2, PROBE_POOL_BYTES // (n * k * 4))
     ws = [torch.randn(n, k, device=device).to(dtype) for _ in range(n_weights)]
     x = torch.randn(m, k, device=device).to(dtype)
@@ -124,7 +124,7 @@ def gemm_peak(m, k, n, dtype, device, repeats=3):
 def _flops(fn, model=None):
     """FLOPs of fn() as torch.utils.flop_counter counts them. It counts aten's matmuls, not oneDNN's packed
     linears: `model`'s packed layers are turned back into nn.Linear for the count and packed again after."""
-    import packed_linear
+    from common import packed_linear
     from torch.utils.flop_counter import FlopCounterMode
     if model is not None:
         packed_linear.uninstall(model)
@@ -155,7 +155,7 @@ def roofline_rows(model, device, dtype, repeats=3, n_cache=120):
     """Per patch: one backbone step, each head's Euler step (CFG pair in one batch) and its 10-step patch, and
     the whole loop per patch; each next to the GEMM peak of its dominant shape at this dtype."""
     import torch
-    from generation import Sampling
+    from runtime.generation import Sampling
     from transformers.cache_utils import DynamicCache
     name = str(dtype).replace("torch.", "")
     label = f"roofline {name}"
@@ -270,9 +270,9 @@ def stage_batch_tiny(device, args):
 
 def _batch_rows(model, device, args, label):
     import torch
-    from batching import BatchItem, run_batched
-    from generation import Sampling, plan_lengths
-    from prompt import build_prompt
+    from runtime.batching import BatchItem, run_batched
+    from runtime.generation import Sampling, plan_lengths
+    from runtime.prompt import build_prompt
     g = torch.Generator().manual_seed(0)
     sdim, mdim = model.model_args.speech_embedding_dim, model.model_args.motion_embedding_dim
 
@@ -306,7 +306,7 @@ def write_release_files(folder) -> dict:
     import speaker_verification
     import whisperx_vae
     from lia_x import RELEASE_CONFIG, Generator
-    from pipeline import demo_tokenizer
+    from runtime.pipeline import demo_tokenizer
     from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
     torch.manual_seed(0)
     args = released_model_args()
@@ -376,7 +376,7 @@ def stage_t2av_rss(device, args):
 def stage_vae(device, args):
     import torch
     from whisperx_vae import WhisperXVAE, assumed_release_cfg
-    from audio import log_mel_spectrogram, resample
+    from media.audio import log_mel_spectrogram, resample
     torch.manual_seed(0)
     model = WhisperXVAE(assumed_release_cfg()).to(device).eval()
     wav_24k = 0.1 * torch.randn(1, 1, 24000 * 5)
@@ -497,7 +497,7 @@ def stage_train(device, args):
     """One forward + backward of the released-size SpeechLLM at batch 1 (5 s clip with motion), with the frozen
     encoders running inside the step (online) and with cached features."""
     import torch
-    from pipeline import demo_tokenizer
+    from runtime.pipeline import demo_tokenizer
     from speaker_verification import init_model
     from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
     from training.dataset import Collator, DataArguments, TalkerDataset, build_rows
@@ -540,7 +540,7 @@ def _stream_rows(pipe, label, request, every, render):
     """Time to the first audio chunk / first frame and the stream's real-time factor (audio s / wall s)."""
     import time as _time
 
-    from streaming import Chunk
+    from runtime.streaming import Chunk
     t0 = _time.perf_counter()
     first_audio = first_frame = None
     n_samples = 0
@@ -579,8 +579,8 @@ def stage_stream(device, args):
     (identity encode + 1 frame, float32). The full-size request reads its reference motion from a file
     (no LIA-X encoder pass, ~3 s per prefix frame on CPU, in the first-audio time)."""
     import torch
-    from pipeline import TalkerPipeline, demo_tokenizer
-    from request import GenerationRequest
+    from runtime.pipeline import TalkerPipeline, demo_tokenizer
+    from runtime.request import GenerationRequest
     rows = []
     tiny = TalkerPipeline.demo(device=device)
     _never_stop(tiny.llm)
@@ -607,8 +607,8 @@ def stage_stream(device, args):
                           gen.to(device), device=device, render_dtype=render_dtype)
     import tempfile
 
-    import video_io
-    from pipeline import DEFAULT_REF_VIDEO
+    from media import video_io
+    from runtime.pipeline import DEFAULT_REF_VIDEO
     face = video_io.read_first_frame(DEFAULT_REF_VIDEO)
     ref_motion = os.path.join(tempfile.mkdtemp(), "ref_motion.pt")  # the LIA-X encoder (~3 s/frame) left out
     torch.save(torch.zeros(125, 40), ref_motion)

@@ -178,9 +178,9 @@ def _device(args) -> str:
 def prepare_demo(args) -> None:
     """The demo's inputs from samples/ and its manifest: two t2av rows, one a2v row, and one deliberately
     broken row (its reference face does not exist) that shows how a bad row is reported."""
-    import video_io
+    from media import video_io
     from evaluation.manifest import extract_audio, write_manifest
-    from pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, SAMPLES
+    from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, SAMPLES
 
     outputs = Path(args.outputs or "outputs/eval_demo")
     inputs = outputs / "demo_inputs"
@@ -369,7 +369,7 @@ def _demo_model(name: str):
 
 def check_model_weights(args, rows) -> None:
     """--generate: the model's weights must be there before anything runs (infer.py's lookup)."""
-    import weights
+    from runtime import weights
 
     if args.demo:
         return
@@ -400,7 +400,7 @@ def _driving_audio(row, outputs: Path) -> str:
 
 
 def generation_request(row, output: Path, args):
-    from request import GenerationRequest
+    from runtime.request import GenerationRequest
 
     fields = dict(mode=row.mode, ref_audio=row.prompt_audio, ref_video=row.prompt_face, output=str(output),
                   seed=args.seed)
@@ -419,7 +419,7 @@ def generate(args, rows, progress: bool) -> dict:
 
     import infer
     from evaluation.manifest import GENERATE_FIELDS
-    from pipeline import preflight
+    from runtime.pipeline import preflight
 
     rank, world = _dist_env()
     outputs = Path(args.outputs)
@@ -615,7 +615,7 @@ def score_sim(clips, models, device, progress) -> None:
 def aligned_crop(video_path, out_path) -> str:
     """--face-crop aligned: the whole frame resized to SyncNet's 224x224 at 25 fps, audio kept, as an avi like
     the reference pipeline's crops (for clips that already are aligned face crops)."""
-    import video_io
+    from media import video_io
 
     cmd = [video_io.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video_path),
            "-map", "0:V:0", "-map", "0:a:0", "-vf", "scale=224:224:flags=bicubic", "-r", "25",
@@ -663,7 +663,7 @@ def score_fid(clips, models, device, fid_frames: int, progress) -> dict:
     """{(mode, lang): (generated features, real features)} of every clip that can be scored."""
     import torch
 
-    import video_io
+    from media import video_io
     from evaluation.fid import pool3_features
 
     todo = [c for c in clips if c.wants("fid")]
@@ -703,8 +703,8 @@ def _set_features(todo, metric: str, features, count_key: str, count, progress, 
 
 def read_fvd_clip(path, n_frames: int):
     """The first n_frames frames of a video on a 25 fps timeline: uint8 (T, H, W, 3)."""
-    import video_io
-    from pipeline import resample_indices
+    from media import video_io
+    from runtime.pipeline import resample_indices
 
     info = video_io._media_info(path)["video"] or {}
     fps = info.get("fps") or 25.0
@@ -864,7 +864,7 @@ def run(args) -> int:
     from evaluation.manifest import ManifestError, read_manifest
 
     if args.licences:
-        import weights
+        from runtime import weights
 
         print(mw.licence_table())
         print("\nModel weights used by --generate (infer.py --licences):\n" + weights.licence_text())

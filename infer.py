@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from request import GenerationRequest, RequestError, field_kind
+from runtime.request import GenerationRequest, RequestError, field_kind
 
 PROG = "infer.py"
 CLI_DEFAULTS = {"output": "output.mp4"}  # the library writes nothing unless asked; the CLI writes here
@@ -162,7 +162,7 @@ def _raise_interrupt(signum, frame):
 
 def message_of(err: BaseException, in_batch_line: bool = False) -> str:
     """The one-line text of an error; request fields are named by their flag (by their key in a batch line)."""
-    import weights
+    from runtime import weights
 
     if isinstance(err, weights.MissingWeightsError):
         return weights.missing_message(err.components, cli=True)
@@ -273,7 +273,7 @@ def read_batch_file(path: str) -> list:
 def jobs(args) -> list:
     """This rank's requests, each already checked as far as possible without a model (pipeline.preflight),
     and none writing a file that it or another line reads or that another line writes."""
-    from pipeline import preflight
+    from runtime.pipeline import preflight
 
     base = cli_request(args)
     if not args.batch_file:
@@ -300,7 +300,7 @@ def jobs(args) -> list:
 def _spare_files(job: Job, args, written: dict) -> Job:
     """The job, or a failed job when its outputs (the output group and the stream file) would overwrite an
     input, the batch file, or another line's output (written: {real path: label}, updated)."""
-    from pipeline import check_outputs_spare_inputs, output_paths
+    from runtime.pipeline import check_outputs_spare_inputs, output_paths
 
     if job.request is None:
         return job
@@ -335,8 +335,8 @@ def _dtype(name):
 def load_pipeline(args, modes):
     import torch
 
-    import weights
-    from pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline, trained_demo_banner
+    from runtime import weights
+    from runtime.pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline, trained_demo_banner
 
     if args.render_batch_size is not None and args.render_batch_size < 1:
         raise UserError(f"--render-batch-size must be >= 1, got {args.render_batch_size}")
@@ -351,7 +351,7 @@ def load_pipeline(args, modes):
     if args.cuda_graphs == "on" and not str(device).startswith("cuda"):
         raise UserError(f"--cuda-graphs on needs a CUDA device (--device is {device})")
     loop_backend = {"auto": "auto", "on": "cuda_graphs", "off": "eager"}[args.cuda_graphs]
-    import packed_linear
+    from common import packed_linear
     try:
         packed_linear.resolve(args.packed_linear, torch.device(device))  # only 'on' without oneDNN fails
     except ValueError as e:
@@ -401,7 +401,7 @@ def _batched_results(pipe, runnable, batch_size: int) -> dict:
 
 
 def run(args) -> int:
-    import weights
+    from runtime import weights
 
     if args.licences:
         print(weights.licence_text())

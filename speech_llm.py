@@ -6,8 +6,8 @@ Two CFM heads turn the backbone state into the next speech patch (32-d WhisperX-
 speaker embedding as global condition) and the next motion patch (40-d normalized LIA-X motion,
 first reference motion frame as global condition); a small MLP predicts when to stop.
 
-The inference loop lives in generation.py (`SpeechLLM.iter_patches` / `generate` run it), the prompt in
-prompt.py. State-dict names and shapes are those of the released `model.safetensors`. The audio VAE
+The inference loop lives beside the model, in runtime/generation.py (`generate(model, ...)`), the
+prompt in runtime/prompt.py. State-dict names and shapes are those of the released `model.safetensors`. The audio VAE
 (`pretrained_speech_encoder`) and the speaker encoder (`spk`) are optional submodules: training attaches
 them to encode audio on the fly (without a feature cache); their keys are never saved or expected in the
 checkpoint, and inference always passes latents and embeddings instead.
@@ -26,13 +26,11 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.utils import ModelOutput
 
-import generation
-import packed_linear
-from constants import SAMPLES_PER_FRAME, SAMPLES_PER_FRAME_16K
+from common import packed_linear
+from common.constants import SAMPLES_PER_FRAME, SAMPLES_PER_FRAME_16K
 from llama4nar import DecoderConfig, PatchEncoder
 from local_dit import VoxCPMLocDiT
-from prompt import build_prompt, to_patches
-from safe_load import key_report, mmap_safetensors, safetensors_header
+from common.safe_load import key_report, mmap_safetensors, safetensors_header
 from unified_cfm import CfmConfig, UnifiedCFM
 
 ENCODER_PREFIXES = ("pretrained_speech_encoder.", "spk.")
@@ -552,76 +550,6 @@ class SpeechLLM(nn.Module):
                     sway_sampling_coef=1.0, use_cfg_zero_star=True, noise=noise)
         return x.transpose(1, 2).float().clone()
 
-    # ------------------------------------------------------------------ generation
-    def iter_patches(self, prompt, plan, sampling=None, given_speech_latents=None,
-                     given_motion_norm=None) -> "generation.PatchStream":
-        """The released loop as a stream of patches (see generation.py)."""
-        return generation.PatchStream(self, prompt, plan, sampling or generation.Sampling(),
-                                      given_speech_latents, given_motion_norm)
-
-    @torch.no_grad()
-    def generate(self, input_ids, speech_start: int, ref_speech_latents, speaker_emb, ref_motion_norm=None, *,
-                 gt_prefix_seconds: float = 0.5, cfm_steps: int = 10, cfm_temperature: float = 0.3,
-                 cfm_cfg: float = 2.0, given_speech_latents=None, given_motion_norm=None, task: str = "t2av",
-                 max_seconds: Optional[float] = None, plan=None, sampling=None,
-                 progress: Optional[Callable[[int], None]] = None) -> "generation.GenerationOutput":
-        """The released inference loop (infer.py: ar_generate_motion_continuation) over tensors.
-
-        input_ids (1, T) prompt ids; speech_start = index of the first patch placeholder;
-        ref_speech_latents (Ls, speech_dim) VAE latents of the reference audio; speaker_emb (1, 256);
-        ref_motion_norm (Tm, motion_dim) normalized reference motion, or None for TTS.
-        given_speech_latents (N, speech_dim): A2V teacher forcing (only motion is sampled);
-        given_motion_norm (M, motion_dim): V2A (only speech is sampled). task="tts" (also chosen when
-        ref_motion_norm is None) follows speech_llm.generate_speech's prompt with the released stop rule.
-        The length is generation.plan_lengths' (released rule unless `max_seconds` or `plan` is given).
-        progress(n) is called after every generated patch with the number of patches so far.
-        """
-        task = self._check_generate_inputs(input_ids, speech_start, ref_speech_latents, speaker_emb,
-                                           ref_motion_norm, given_speech_latents, given_motion_norm, task)
-        input_ids = input_ids.reshape(1, -1)
-        if plan is None:
-            plan = generation.plan_lengths(
-                task, ref_speech_frames=ref_speech_latents.size(0),
-                ref_motion_frames=0 if ref_motion_norm is None else ref_motion_norm.size(0),
-                gt_prefix_seconds=gt_prefix_seconds, delay=self.delay, patch_size=self.patch_size,
-                given_speech_frames=None if given_speech_latents is None else given_speech_latents.size(0),
-                given_motion_frames=None if given_motion_norm is None else given_motion_norm.size(0),
-                max_seconds=max_seconds)
-        prompt = build_prompt(self, input_ids, speech_start, ref_speech_latents, speaker_emb, plan, ref_motion_norm)
-        sampling = sampling or generation.Sampling(int(cfm_steps), float(cfm_temperature), float(cfm_cfg))
-        stream = self.iter_patches(prompt, plan, sampling, given_speech_latents, given_motion_norm)
-        return generation.collect(stream, progress)
-
-    def _check_generate_inputs(self, input_ids, speech_start, ref_speech, speaker_emb, ref_motion, given_speech,
-                               given_motion, task) -> str:
-        """The task to run (t2av without reference motion is tts); ValueError naming a bad argument."""
-        if task not in generation.TASKS:
-            raise ValueError(f"unknown task {task!r}: expected one of {generation.TASKS}")
-        if given_speech is not None and given_motion is not None:
-            raise ValueError("give at most one of given_speech_latents / given_motion_norm")
-        if ref_motion is None and (given_speech is not None or given_motion is not None):
-            raise ValueError("teacher forcing needs task='t2av' with reference motion (ref_motion_norm)")
-        if ref_motion is None:
-            task = "tts"
-        if task == "tts" and (given_speech is not None or given_motion is not None):
-            raise ValueError("teacher forcing needs task='t2av' with reference motion")
-        if input_ids.dim() > 2 or input_ids.reshape(-1, input_ids.size(-1)).size(0) != 1:
-            raise ValueError(f"input_ids: expected shape (1, T), got {tuple(input_ids.shape)}")
-        if not 0 <= int(speech_start) <= input_ids.size(-1):
-            raise ValueError(f"speech_start {speech_start} outside the prompt of {input_ids.size(-1)} tokens")
-        if speaker_emb.numel() != self.model_args.speaker_embedding_dim:
-            raise ValueError(f"speaker_emb: expected {self.model_args.speaker_embedding_dim} values, "
-                             f"got shape {tuple(speaker_emb.shape)}")
-        speech_dim, motion_dim = self.model_args.speech_embedding_dim, self.model_args.motion_embedding_dim
-        check_frames("ref_speech_latents", ref_speech, speech_dim, allow_empty=True)
-        if task == "t2av":
-            check_frames("ref_motion_norm", ref_motion, motion_dim)
-        if given_speech is not None:
-            check_frames("given_speech_latents", given_speech, speech_dim)
-        if given_motion is not None:
-            check_frames("given_motion_norm", given_motion, motion_dim)
-        return task
-
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def check_pretrained(cls, checkpoint_dir, attn_implementation: str = "sdpa") -> tuple:
@@ -693,7 +621,7 @@ class SpeechLLM(nn.Module):
         instead of this module's own (e.g. gathered from a sharded training run)."""
         from safetensors.torch import save_file
 
-        from atomic import atomic_output
+        from media.atomic import atomic_output
 
         os.makedirs(save_dir, exist_ok=True)
         state_dict = self.state_dict() if state_dict is None else state_dict
@@ -717,6 +645,14 @@ def _cpu_autocast(dtype: torch.dtype):
     if dtype == torch.bfloat16:
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def to_patches(frames_td: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(T, C) -> (ceil(T/P), P, C), zero-padding the last patch."""
+    pad = (-frames_td.size(0)) % patch_size
+    if pad:
+        frames_td = F.pad(frames_td, (0, 0, 0, pad))
+    return frames_td.reshape(-1, patch_size, frames_td.size(-1))
 
 
 def check_frames(name, x, dim, allow_empty=False):

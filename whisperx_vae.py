@@ -28,7 +28,7 @@ from omegaconf.nodes import AnyNode
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from safe_load import key_report, safe_torch_load
+from common.safe_load import key_report, safe_torch_load
 
 
 # ---------------------------------------------------------------------------------------------

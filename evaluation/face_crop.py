@@ -37,9 +37,9 @@ import numpy as np
 from scipy import signal
 from scipy.interpolate import interp1d
 
-from atomic import atomic_outputs
+from media.atomic import atomic_outputs
 from evaluation import s3fd
-from video_io import _media_info
+from media.video_io import _media_info
 
 FRAME_RATE = 25
 FACEDET_SCALE = 0.25

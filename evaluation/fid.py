@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safe_load import key_report, safe_torch_load
+from common.safe_load import key_report, safe_torch_load
 
 INPUT_SIZE = 299
 POOL3_DIM = 2048

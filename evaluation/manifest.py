@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from atomic import atomic_output
+from media.atomic import atomic_output
 
 COLUMNS = ("id", "lang", "mode", "text", "prompt_audio", "prompt_face", "gt_video", "driving_audio", "speaker")
 REQUIRED = ("id", "lang")
@@ -183,10 +183,10 @@ def write_manifest(rows: list, path) -> None:
 
 def streams(path) -> dict:
     """{'video': bool, 'audio': bool, 'duration': seconds or None} from the file header (nothing decoded)."""
-    import video_io
+    from media import video_io
 
     if Path(path).suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"):
-        import audio as audio_io
+        from media import audio as audio_io
 
         return {"video": False, "audio": True, "duration": audio_io.audio_seconds(path)}
     info = video_io._media_info(path)  # one `ffmpeg -i` call: the stream list
@@ -201,7 +201,7 @@ def read_audio(path, sample_rate: Optional[int] = None):
     import soundfile as sf
     import torch
 
-    import video_io
+    from media import video_io
 
     if Path(path).suffix.lower() in (".wav", ".flac", ".ogg") and sample_rate is None:
         # soundfile directly: a silent or very quiet clip is a (bad) output to score, not an input error
@@ -230,7 +230,7 @@ def read_audio(path, sample_rate: Optional[int] = None):
 
 def extract_audio(src, dst, seconds: Optional[float] = None) -> str:
     """`src`'s audio (optionally its first `seconds`) as a 16-bit PCM mono wav at its own rate, atomically."""
-    import video_io
+    from media import video_io
 
     info = video_io._media_info(src)
     if info["audio"] is None:
@@ -249,7 +249,7 @@ def extract_audio(src, dst, seconds: Optional[float] = None) -> str:
 
 def cut_video(src, dst, seconds: float) -> str:
     """The first `seconds` of `src`'s frames (no audio) as an H.264 mp4, atomically."""
-    import video_io
+    from media import video_io
 
     frames, fps = video_io.read_frames(src, max_frames=max(1, round(seconds * (video_io._media_info(src)["video"]
                                                                                ["fps"] or 25))))

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-import weights
-from atomic import atomic_output
+from runtime import weights
+from media.atomic import atomic_output
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def locate(names: Iterable[str], given: Optional[dict] = None, env=None, use_cac
            wavlm_filename: Optional[str] = None) -> Resolved:
     """Resolve each named checkpoint (flag > environment > hub cache > torch.hub folder); None where not found.
     `given`: {name: path from its flag}. Paths given explicitly (flag or environment) must exist."""
-    import weights
+    from runtime import weights
 
     env = os.environ if env is None else env
     given = given or {}
@@ -197,7 +197,7 @@ def locate(names: Iterable[str], given: Optional[dict] = None, env=None, use_cac
 
 def missing_message(names: Iterable[str], asr: str = "qwen3-asr") -> str:
     """One line: what is missing, the flag and variable of each, and the ways forward."""
-    import weights
+    from runtime import weights
 
     items = []
     for name in names:
@@ -252,7 +252,7 @@ def download(names: Iterable[str], resolved: Resolved, asr: str = "qwen3-asr", p
     else from the publisher's URL (into torch.hub's checkpoint folder); the other source if the first fails."""
     import huggingface_hub as hub
 
-    import weights
+    from runtime import weights
 
     for name in resolved.missing(names):
         if name == "wavlm":
@@ -293,7 +293,7 @@ def _first_line(e: BaseException) -> str:
 
 def licence_table(asr: Optional[str] = None) -> str:
     """Markdown table: every metric checkpoint, where it comes from, size/sha256 where known, its licence."""
-    import weights
+    from runtime import weights
 
     rows = ["| checkpoint | used for | flag / env | source | size, sha256 | licence |",
             "| --- | --- | --- | --- | --- | --- |"]

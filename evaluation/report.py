@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from atomic import atomic_output, atomic_outputs
+from media.atomic import atomic_output, atomic_outputs
 
 # Talker-T2AV's published rows (arXiv 2604.23586, Tables 1-2, as quoted in issue 24). zh: DH-FaceVid-1K,
 # en: HDTF + Hallo3, 200 clips each; WER is CER for zh, as a fraction. Table 3 (V2A) values are not quoted.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safe_load import key_report, safe_torch_load
+from common.safe_load import key_report, safe_torch_load
 
 # preprocessing: the reference subtracts (104, 117, 123) "BGR" means from channels that end up RGB-ordered
 MEAN_RGB = (123.0, 117.0, 104.0)

@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from audio import resample
+from media.audio import resample
 
 SAMPLE_RATE = 16000
 COSINE_EPS = 1e-8  # F.cosine_similarity's default

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from safe_load import key_report, safe_torch_load
+from common.safe_load import key_report, safe_torch_load
 
 # The reference's face detector lives beside SyncNet in its repository (detectors/s3fd): named here too.
 from evaluation.s3fd import S3FD, detect_faces, load_s3fd  # noqa: E402, F401

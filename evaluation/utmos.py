@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import audio
+from media import audio
 
 SAMPLE_RATE = 16000
 

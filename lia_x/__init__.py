@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from safe_load import key_report, safe_torch_load
+from common.safe_load import key_report, safe_torch_load
 
 from .networks.generator import Generator
 from .networks.ops import EqualConv2d, ModulatedConv2d

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-import video_io  # noqa: E402
+from media import video_io  # noqa: E402
 
 VOICE_TEXT = "Hello, this is a short sample of my voice, made for the talking head demo."
 ESPEAK_VOICE, ESPEAK_WPM = "en-us+f3", 160

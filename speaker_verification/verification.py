@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from safe_load import key_report, safe_torch_load
+from common.safe_load import key_report, safe_torch_load
 
 from .ecapa_tdnn import ECAPA_TDNN, ECAPA_TDNN_SMALL
 from .wavlm import WavLMArgs, parse_conv_feature_layers

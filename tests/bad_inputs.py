@@ -8,7 +8,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from constants import MAX_FRAMES
+from common.constants import MAX_FRAMES
 
 
 def silent_wav(path, seconds=1.0):

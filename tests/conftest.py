@@ -82,7 +82,7 @@ def one_thread():
 
 @pytest.fixture
 def no_env(monkeypatch):
-    import weights
+    from runtime import weights
 
     for var in weights.ENV_VARS.values():
         monkeypatch.delenv(var, raising=False)
@@ -91,7 +91,7 @@ def no_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def demo_pipe():
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
 
     return TalkerPipeline.demo()
 

@@ -24,8 +24,8 @@ import pytest
 import soundfile as sf
 
 import infer
-import video_io
-from pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
+from media import video_io
+from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots (git-ignored)
@@ -482,7 +482,7 @@ def _rest_call(server, mode: str, **values) -> tuple:
 
 def _schema_line(**fields) -> str:
     """The line infer.py prints for a request the schema refuses, naming the field as the API does."""
-    from request import GenerationRequest, RequestError
+    from runtime.request import GenerationRequest, RequestError
 
     with pytest.raises(RequestError) as err:
         GenerationRequest.from_mapping(fields).validate()
@@ -508,7 +508,7 @@ def test_api_refuses_text_without_words_not_unicode_or_too_long(app, server, cli
 
 
 def test_text_length_limit(app):
-    from request import RequestError
+    from runtime.request import RequestError
 
     app.check_text_length("a" * 4200, 300)  # 14 characters a second: 300 s
     app.check_text_length("語" * 1350, 300)  # CJK: 4.5 a second
@@ -521,7 +521,7 @@ def test_text_length_limit(app):
 def test_api_out_of_range_values_get_the_cli_line(app, server, client):
     from gradio_client.exceptions import AppError
 
-    from request import GenerationRequest, RequestError
+    from runtime.request import GenerationRequest, RequestError
 
     for field, value in [("cfm_steps", 0), ("cfm_steps", 2.5), ("max_seconds", 31), ("cfm_cfg", -1), ("seed", -1),
                          ("cfm_temperature", "hot"), ("save_latents", "yes")]:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import atomic
+from media import atomic
 
 
 def _dead_pid() -> int:

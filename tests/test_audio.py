@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 import torch
 
-import audio
+from media import audio
 from conftest import REFERENCE_SAMPLES, load_fixture, max_rel_err, shared
 
 # Float32 parity: 1e-5 of the output's max magnitude (fixture README default; the reference's own

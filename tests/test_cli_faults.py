@@ -3,8 +3,8 @@ found before any model loads (the CLI) or before any work starts (the library)."
 import pytest
 
 import infer
-from pipeline import TalkerPipeline
-from request import GenerationRequest, RequestError, has_visible_text
+from runtime.pipeline import TalkerPipeline
+from runtime.request import GenerationRequest, RequestError, has_visible_text
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_bad_device_is_one_line(tmp_path, no_models, capsys, device, needle):
 
 
 def test_library_takes_text_or_a_mapping_and_names_bad_arguments(demo_pipe):
-    from pipeline import resolve_request
+    from runtime.pipeline import resolve_request
 
     assert resolve_request("Hello.").text == "Hello."
     assert resolve_request({"text": "Hi.", "mode": "tts"}).mode == "tts"
@@ -88,8 +88,8 @@ def test_library_takes_text_or_a_mapping_and_names_bad_arguments(demo_pipe):
 
 
 def test_long_reference_audio_is_read_only_as_far_as_it_is_used(tmp_path, monkeypatch):
-    import audio
-    import pipeline
+    from media import audio
+    from runtime import pipeline
     from bad_inputs import tone
 
     tone(tmp_path / "long.wav", 95)

@@ -124,7 +124,11 @@ def test_forward_heads_and_sources(fixture, own_forward):
 def test_detect_on_stored_inputs_is_exact(fixture):
     tensors, meta = fixture
     detections = s3fd.detect(tensors["inter.loc"], tensors["inter.conf"], tensors["inter.priors"])
-    assert torch.equal(detections, tensors["output.detections"])
+    expected = tensors["output.detections"]
+    # bit-exact on the CPU kind that made the fixture (AMD EPYC); torch's vectorised kernels round the box
+    # decode differently by at most one float32 ulp on others (6.0e-8 in 6 of 7,500 values on an Intel Xeon)
+    assert torch.equal(detections != 0, expected != 0)
+    assert float((detections - expected).abs().max()) <= 1.2e-7
     assert int((detections[0, 1, :, 0] > 0).sum()) == meta["detect_result"]["n_kept_after_nms"]
 
 

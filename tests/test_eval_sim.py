@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import FIXTURES, shared
 
-import audio
+from media import audio
 from evaluation import sim
 
 # README_utmos_wer.md (sim_protocol): the stored SIM is the float32 F.cosine_similarity value (bit-exact with

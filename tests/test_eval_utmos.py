@@ -192,7 +192,7 @@ def test_resample_keeps_a_sine(sr):
 
 
 def test_resample_identity_batch_and_float64_variant():
-    import audio
+    from media import audio
 
     wave = torch.randn(3, 2, 7001, generator=torch.Generator().manual_seed(1))
     assert resample_float32(wave, SAMPLE_RATE) is wave

@@ -30,7 +30,7 @@ def _csv(path, header, rows):
 
 
 def _tiny_video(path, n_frames=12, audio=True):
-    import video_io
+    from media import video_io
 
     frames = np.random.default_rng(0).integers(0, 255, (n_frames, 32, 32, 3), dtype=np.uint8)
     video_io.write_video(path, frames, fps=25, audio_path=SAMPLE_WAV if audio else None)
@@ -257,7 +257,7 @@ def test_generation_request_per_mode(tmp_path):
     assert (t.mode, t.text, t.trim_prefix, t.ref_audio, t.ref_video) == ("t2av", "Say this.", True, str(SAMPLE_WAV),
                                                                           str(SAMPLE_MP4))
     assert a.mode == "a2v" and Path(a.audio).name == "a.driving.wav" and Path(a.audio).is_file()  # gt's audio
-    import audio as audio_io
+    from media import audio as audio_io
     assert audio_io.audio_seconds(a.audio) == pytest.approx(12 / 25, abs=0.05)
     assert (v.mode, v.video, v.text, v.trim_prefix) == ("v2a", str(gt), "Dub this.", False)
 
@@ -288,7 +288,7 @@ def test_checkpoint_lookup_order_flag_env_cache(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"\$SYNCNET_CKPT"):
         mw.locate(["syncnet"], {}, env={"SYNCNET_CKPT": str(tmp_path / "nope")})
 
-    import weights
+    from runtime import weights
     monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)
     found = mw.locate(["wavlm"], {}, env={"WAVLM_CKPT": str(files["env.model"])})
     assert (found.paths["wavlm"], found.sources["wavlm"]) == (str(files["env.model"]), "env")
@@ -379,7 +379,7 @@ def test_make_manifest_protocols(tmp_path):
                          progress=False)
     rows = read_manifest(tmp_path / "cont.csv").rows
     assert n == 3 and all(not r.problems for r in rows)
-    import video_io
+    from media import video_io
     assert video_io.probe(rows[0].prompt_face)["n_frames"] == 5  # its own first 0.2 s
 
     with pytest.raises(ManifestError, match="lang"):

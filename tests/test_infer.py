@@ -12,8 +12,8 @@ import soundfile as sf
 import torch
 
 import infer
-import video_io
-import weights
+from media import video_io
+from runtime import weights
 from bad_inputs import bad_cases, cli_needle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def shared_demo_pipeline(monkeypatch):
     """Build the default demo models once for all in-process CLI runs (TalkerPipeline.demo is deterministic:
     a fresh build gives the same models); other arguments build their own."""
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
 
     if not hasattr(shared_demo_pipeline, "pipe"):
         shared_demo_pipeline.pipe = TalkerPipeline.demo()
@@ -247,7 +247,7 @@ def test_bad_inputs_one_line_and_nonzero_exit(tmp_path, capsys):
 
 def test_packed_linear_option(tmp_path, capsys, monkeypatch):
     """--packed-linear reaches the SpeechLLM; 'on' where oneDNN cannot run is refused before loading."""
-    import packed_linear
+    from common import packed_linear
     for mode in ("off", "on"):
         args = infer.build_parser().parse_args(["--demo", "--device", "cpu", "--packed-linear", mode])
         pipe = infer.load_pipeline(args, ["t2av"])
@@ -354,7 +354,7 @@ FLAGS_BEFORE_REDESIGN = {
 def test_flags_come_from_the_request_schema():
     from dataclasses import fields
 
-    from request import GenerationRequest
+    from runtime.request import GenerationRequest
     parser = infer.build_parser()
     flags = {o for a in parser._actions for o in a.option_strings}
     assert FLAGS_BEFORE_REDESIGN <= flags
@@ -455,7 +455,7 @@ def test_default_outputs_are_ignored_by_git():
 
 
 def test_output_problems_are_found_before_the_models_load(tmp_path, capsys, monkeypatch):
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
     monkeypatch.setattr(TalkerPipeline, "demo", classmethod(lambda cls, *a, **k: pytest.fail("models loaded")))
     (tmp_path / "file").write_text("x")
     rc = infer.main(["--demo", "--output", str(tmp_path / "file" / "o.mp4")])
@@ -472,8 +472,8 @@ def test_output_problems_are_found_before_the_models_load(tmp_path, capsys, monk
 
 def test_length_cap_figure_is_15_patches_of_160_ms():
     """The released cap is the reference clip's length + 15 patches: 15 x 160 ms = 2.4 s (once written 0.6 s)."""
-    import constants
-    from request import GenerationRequest
+    from common import constants
+    from runtime.request import GenerationRequest
 
     assert constants.RELEASED_CAP_MARGIN_SECONDS == pytest.approx(2.4)
     help_text = next(f.metadata["help"] for f in dataclasses.fields(GenerationRequest) if f.name == "max_seconds")

@@ -364,7 +364,7 @@ def test_load_generator_roundtrip_and_errors(tmp_path, tiny):
 
 def _read_video(path):
     try:
-        import video_io
+        from media import video_io
         return video_io.read_frames(path)
     except ImportError:  # decoder owned elsewhere; fall back to imageio-ffmpeg directly
         import imageio_ffmpeg

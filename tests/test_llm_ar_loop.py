@@ -1,4 +1,4 @@
-"""Parity of SpeechLLM.generate / its building blocks with the released inference loop
+"""Parity of runtime.generation.generate / its building blocks with the released inference loop
 (infer.ar_generate_motion_continuation) on the small synthetic model of ar_loop.json.
 
 The free-running loop is chaotic with synthetic weights, so every step is also checked on its
@@ -8,9 +8,9 @@ import torch
 from conftest import load_fixture, max_rel_err
 from transformers.cache_utils import DynamicCache
 
-import packed_linear
-from generation import plan_lengths
-from prompt import build_prompt
+from common import packed_linear
+from runtime.generation import generate, plan_lengths
+from runtime.prompt import build_prompt
 from speech_llm import SpeechLLM, tiny_model_args_and_config
 
 CASES = ["case_a", "case_b", "case_c"]
@@ -38,7 +38,7 @@ def build_model(tensors, case_meta):
 
 def run_generate(model, tensors, case, c):
     torch.manual_seed(c["seed"])
-    return model.generate(tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
+    return generate(model, tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
                           tensors["inputs.speaker_emb"], tensors["inputs.motion_norm"],
                           gt_prefix_seconds=c["gt_prefix_seconds"], cfm_steps=c["cfm_steps"],
                           cfm_temperature=c["cfm_temperature"], cfm_cfg=c["cfm_cfg"])

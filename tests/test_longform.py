@@ -4,11 +4,11 @@ import pytest
 import soundfile as sf
 import torch
 
-import longform
-from constants import MAX_SECONDS, SAMPLES_PER_FRAME
-from generation import plan_lengths
-from motion_stats import normalize_motion
-from pipeline import DEFAULT_REF_AUDIO, preflight, resolve_request
+from runtime import longform
+from common.constants import MAX_SECONDS, SAMPLES_PER_FRAME
+from runtime.generation import plan_lengths
+from common.motion_stats import normalize_motion
+from runtime.pipeline import DEFAULT_REF_AUDIO, preflight, resolve_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

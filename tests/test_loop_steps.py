@@ -3,8 +3,8 @@ what CUDA graphs capture -- runs here on CPU uncaptured and must equal the eager
 import pytest
 import torch
 
-import loop_steps
-from pipeline import TalkerPipeline
+from runtime import loop_steps
+from runtime.pipeline import TalkerPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def _assert_same_generation(got, want, mode, rtol):
 def test_every_step_reuses_the_same_buffers(pipe, monkeypatch):
     """Fixed shapes and addresses are what a CUDA graph needs: one call object per kind of step, one
     cache allocation for the whole plan."""
-    import generation
+    from runtime import generation
     runners = []
 
     def keep(model, max_tokens, backend=None):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import infer
-from pipeline import TalkerPipeline
+from runtime.pipeline import TalkerPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import max_rel_err
 
-import packed_linear
+from common import packed_linear
 from speech_llm import SpeechLLM, tiny_model_args_and_config
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="oneDNN is not in this torch build")

@@ -9,11 +9,11 @@ import torch
 from bad_inputs import bad_cases, library_needle
 from conftest import REFERENCE_SAMPLES, shared
 
-import video_io
-from constants import SAMPLES_PER_FRAME
-from motion_stats import MOTION_MEAN, MOTION_STD, denormalize_motion, normalize_motion
-from pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, TalkerPipeline, demo_tokenizer
-from request import GenerationRequest, RequestError
+from media import video_io
+from common.constants import SAMPLES_PER_FRAME
+from common.motion_stats import MOTION_MEAN, MOTION_STD, denormalize_motion, normalize_motion
+from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, TalkerPipeline, demo_tokenizer
+from runtime.request import GenerationRequest, RequestError
 
 FRAME_S = 1 / 25
 
@@ -370,7 +370,7 @@ def test_non_square_face_warns_or_is_cropped(pipe, tmp_path, monkeypatch):
 
 
 def test_unwritable_output_is_found_before_anything_runs(pipe, tmp_path, monkeypatch):
-    from pipeline import preflight
+    from runtime.pipeline import preflight
     (tmp_path / "file").write_text("x")
     with pytest.raises(RequestError, match=r"^output: .*file is a file, not a folder"):
         preflight(output=tmp_path / "file" / "out.mp4")
@@ -405,7 +405,7 @@ def test_demo_runs_one_cpu_thread_as_the_cli_does(monkeypatch):
     picks one intra-op thread on CPU (unless OMP_NUM_THREADS says otherwise), as infer.py --demo does."""
     import torch
 
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import infer
-import precision
-from pipeline import GenerationResult, TalkerPipeline
+from runtime import precision
+from runtime.pipeline import GenerationResult, TalkerPipeline
 
 CUDA = torch.device("cuda")  # a device object only: get_device_capability is mocked where it is asked
 
@@ -134,7 +134,7 @@ def test_summary_line_says_what_was_chosen_and_why():
 
 
 def test_demo_stays_float32_under_auto_and_takes_named_dtypes(demo_pipe, monkeypatch):
-    import pipeline
+    from runtime import pipeline
 
     def no_probe(device):
         raise AssertionError("the demo's auto does not ask the hardware")
@@ -153,7 +153,7 @@ def test_demo_stays_float32_under_auto_and_takes_named_dtypes(demo_pipe, monkeyp
 
 @pytest.mark.parametrize("native", [True, False])
 def test_from_pretrained_auto_follows_the_hardware(release_dir, tiny_loaders, no_env, cpu_with, native):
-    import weights
+    from runtime import weights
 
     cpu_with(["AVX512-BF16"] if native else [], speedup=2.0)
     pipe = TalkerPipeline.from_pretrained(release_dir / "talker-t2av", liax_ckpt=release_dir / "lia-x.pt",
@@ -215,7 +215,7 @@ def test_bf16_loop_over_a_clip_stays_within_its_bound(one_thread):
 
 def _h264(frames: np.ndarray) -> np.ndarray:
     """The frames after the product's encode (video_io: libx264 crf 18, yuv420p) and a decode."""
-    import video_io
+    from media import video_io
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.mp4"

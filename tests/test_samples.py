@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-import video_io
+from media import video_io
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

@@ -6,8 +6,8 @@ import torch
 from conftest import FIXTURES, load_fixture, max_rel_err, shared, synth
 from safetensors.torch import load_file, save_file
 
-from generation import plan_lengths
-from prompt import build_chat_and_spans, build_prompt
+from runtime.generation import generate, plan_lengths
+from runtime.prompt import build_chat_and_spans, build_prompt
 from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args, tiny_model_args_and_config
 
 PS = 4
@@ -159,7 +159,7 @@ def replay_noise(model, speech_noise=None, motion_noise=None):
 
 
 def generate_case(model, tensors, case, c, **kw):
-    return model.generate(tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
+    return generate(model, tensors[f"{case}.inputs.input_ids"][None], c["s0"], tensors["inputs.speech_latent"],
                           tensors["inputs.speaker_emb"], tensors["inputs.motion_norm"],
                           gt_prefix_seconds=c["gt_prefix_seconds"], **kw)
 
@@ -230,18 +230,18 @@ def test_tts_layout_and_stopping(ar):
     token = model.patch_token(latents[:PS], motion_pad=True)
     assert max_rel_err(token[0], model.patch_tokens(model.projector_speech(latents[:PS]), 1)[0]) < 1e-6
 
-    out = model.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], None)  # None motion -> TTS
+    out = generate(model, ids, c["s0"], latents, tensors["inputs.speaker_emb"], None)  # None motion -> TTS
     assert out.motion_norm.shape == (0, 40) and out.prefix_motion_norm.shape == (0, 40)
     assert out.prefix_speech_latents.shape == (12, 32) and out.speech_latents.shape == (out.n_patches * PS, 32)
 
     always = ar_model(tensors, stop_bias_factor=1000.0)  # stop logits > 0 from the start
-    out = always.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts")
+    out = generate(always, ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts")
     assert out.stopped_by == "stop_head" and out.n_patches == 9  # 7 free patches + 3 checks in a row
     never = ar_model(tensors, stop_bias_factor=-1000.0)
-    out = never.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts")
+    out = generate(never, ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts")
     assert out.stopped_by == "length_cap" and out.n_patches == 7 - 3 + 15  # released: ceil(26/4) - prefix + 15
     short = plan_lengths("tts", ref_speech_frames=26, gt_prefix_seconds=0.5, margin_patches=2)
-    out = never.generate(ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts", plan=short)
+    out = generate(never, ids, c["s0"], latents, tensors["inputs.speaker_emb"], task="tts", plan=short)
     assert out.stopped_by == "length_cap" and out.n_patches == 7 - 3 + 2
 
 

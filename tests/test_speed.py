@@ -6,8 +6,8 @@ import torch
 from conftest import load_fixture, max_rel_err
 from transformers.cache_utils import DynamicCache
 
-from generation import plan_lengths
-from prompt import build_prompt
+from runtime.generation import plan_lengths
+from runtime.prompt import build_prompt
 from speech_llm import SpeechLLM, tiny_model_args_and_config
 
 PS = 4
@@ -108,7 +108,7 @@ class _Counted:
 def test_one_voice_is_encoded_once_per_run(one_thread):
     """Two requests with the same reference voice (and a2v's driving audio = that voice) run the WhisperX-VAE
     encoder (its 30 s Whisper pass) and the speaker encoder once; the results equal a fresh pipeline's."""
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
     pipe = TalkerPipeline.demo()
     vae, spk = _Counted(pipe.vae, "encode"), _Counted(pipe.speaker_encoder, "forward")
     from lia_x import render as liax_render
@@ -128,7 +128,7 @@ def test_one_voice_is_encoded_once_per_run(one_thread):
 
 def test_encoding_cache_is_bounded_lru():
     """A long-lived pipeline (the web page) keeps the last `size` distinct encodings, not every one it saw."""
-    from pipeline import EncodingCache
+    from runtime.pipeline import EncodingCache
     cache = EncodingCache(size=3)
     for k in range(5):
         cache.put(("audio", k), k)
@@ -142,7 +142,7 @@ def test_encoding_cache_is_bounded_lru():
 
 def test_tts_never_loads_the_renderer(one_thread, tmp_path):
     """A tts run (even one writing a wav) never touches LIA-X: the pipeline has none and no checkpoint."""
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
     pipe = TalkerPipeline.demo()
     pipe._generator, pipe.liax_ckpt = None, None  # any use would raise MissingWeightsError
     result = pipe.generate(mode="tts", text="No face needed.", seed=0, cfm_steps=2, max_seconds=0.32,
@@ -153,8 +153,8 @@ def test_tts_never_loads_the_renderer(one_thread, tmp_path):
 def _tiny_items(model, specs):
     """BatchItems and their lone-run equivalents: (text length, ref speech frames, ref motion frames, seed,
     max_seconds) per request, random ids and references."""
-    from batching import BatchItem
-    from generation import Sampling
+    from runtime.batching import BatchItem
+    from runtime.generation import Sampling
     g = torch.Generator().manual_seed(5)
     items = []
     for n_text, n_speech, n_motion, seed, max_seconds in specs:
@@ -175,14 +175,14 @@ def _tiny_items(model, specs):
 def test_batched_requests_equal_lone_runs(one_thread, task, packed):
     """Different prompt lengths, prefixes, seeds and length caps in one batch: every request gets the patches,
     stop decision and length of its lone run (per-request generators), and rows leave as they stop."""
-    from batching import run_batched
-    from generation import PatchStream, collect
+    from runtime.batching import run_batched
+    from runtime.generation import PatchStream, collect
     torch.manual_seed(0)
     model = SpeechLLM(*tiny_model_args_and_config()).eval()
     m = 1 if task == "t2av" else 0
     specs = [(9, 30, 40 * m, 1, None), (23, 50, 28 * m, 2, 0.64), (4, 18, 60 * m, 3, None), (15, 40, 12 * m, 4, 1.0)]
     items = _tiny_items(model, specs)
-    import packed_linear
+    from common import packed_linear
     if packed == "on" and not packed_linear.available():
         pytest.skip("oneDNN is not in this torch build")
     model.packed_linear = packed
@@ -205,8 +205,8 @@ def test_batched_requests_equal_lone_runs(one_thread, task, packed):
 def test_generate_batch_equals_generate(one_thread, tmp_path):
     """A batch of requests (two voices' worth of t2av and tts, an a2v that runs alone) gives each request
     the result of its own generate() call, and writes its files."""
-    from pipeline import TalkerPipeline
-    from request import GenerationRequest
+    from runtime.pipeline import TalkerPipeline
+    from runtime.request import GenerationRequest
     pipe = TalkerPipeline.demo()
     kw = dict(cfm_steps=2)
     reqs = [GenerationRequest(mode="t2av", text="First of the batch.", seed=1, max_seconds=0.64, **kw),

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import infer
-import video_io
-from constants import SAMPLES_PER_FRAME
-from pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
+from media import video_io
+from common.constants import SAMPLES_PER_FRAME
+from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
 
 FRAME_S = 1 / 25
 

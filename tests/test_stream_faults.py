@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import streaming
-import video_io
+from runtime import streaming
+from media import video_io
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 120  # a deadline against hangs, never a speed requirement

@@ -8,10 +8,10 @@ import pytest
 import soundfile as sf
 import torch
 
-import video_io
+from media import video_io
 import whisperx_vae
 from lia_x import render as liax_render
-from streaming import Chunk
+from runtime.streaming import Chunk
 from whisperx_vae import DECODER_CONTEXT_FRAMES, StreamingDecoder, decode_span
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,7 +105,7 @@ def test_stream_equals_generate(pipe, kw):
 
 
 def _face(pipe):
-    from pipeline import DEFAULT_REF_VIDEO
+    from runtime.pipeline import DEFAULT_REF_VIDEO
 
     return video_io.read_first_frame(DEFAULT_REF_VIDEO)
 

@@ -33,7 +33,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def tiny_model_and_tokenizer(encoders: bool = True):
-    from pipeline import demo_tokenizer
+    from runtime.pipeline import demo_tokenizer
     from speech_llm import SpeechLLM, tiny_model_args_and_config
 
     args, config = tiny_model_args_and_config()
@@ -103,11 +103,11 @@ def test_layouts_env_vars_and_the_reference_sample_rules(data, monkeypatch, tmp_
 
 
 def test_long_clips_get_an_aligned_random_30s_window(tmp_path):
-    from audio import load_audio, resample
-    from motion_stats import normalize_motion
+    from media.audio import load_audio, resample
+    from common.motion_stats import normalize_motion
 
     wav = tmp_path / "long.wav"
-    from audio import save_wav
+    from media.audio import save_wav
     save_wav(wav, torch.tensor(synthetic.tone(33.0, 16000, 3)), sr=16000, subtype="PCM_16")
     motion = synthetic.smooth_motion(800, 1)
     torch.save(motion, tmp_path / "long.pt")
@@ -342,7 +342,7 @@ def test_overfit_30_steps_then_release_folder_demo_and_infer(data, tmp_path, one
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-")) == [
         "checkpoint-15", "checkpoint-30"]
 
-    from pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline
+    from runtime.pipeline import RANDOM_WEIGHTS_BANNER, TalkerPipeline
     from speech_llm import SpeechLLM
     final = Path(result["final"])
     assert final == tmp_path / "run" / "final"
@@ -370,7 +370,7 @@ def test_fine_tune_release_folder_full_and_lora(release_dir, tiny_loaders, no_en
                                                 one_thread):
     """init_from a release folder (strict), encoders found the release way (beside it + wavlm_ckpt), one run
     with a corrupt wav within the failure budget; LoRA merged back on save, logged to wandb offline."""
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
     from speech_llm import SpeechLLM
 
     bad = tmp_path / "corrupt.wav"

@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 from safetensors import safe_open
 
-import video_io
+from media import video_io
 from conftest import FIXTURES, REFERENCE_SAMPLES, shared
 
 REF_VIDEO = REFERENCE_SAMPLES / "reference_video.mp4"

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-import weights
-from pipeline import TalkerPipeline
+from runtime import weights
+from runtime.pipeline import TalkerPipeline
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,7 @@ def test_locate_from_env_and_repository_layout(release_dir, no_env, monkeypatch)
 
 
 def test_locate_rejects_given_paths_that_do_not_exist(tmp_path, no_env, monkeypatch):
-    from request import RequestError
+    from runtime.request import RequestError
     with pytest.raises(RequestError, match="^checkpoint_dir: .*no model.safetensors"):
         weights.locate(checkpoint_dir=tmp_path)
     monkeypatch.setenv("WAVLM_CKPT", str(tmp_path / "missing.pth"))
@@ -246,7 +246,7 @@ def test_mmap_safetensors_reads_what_safetensors_reads_and_refuses_broken_files(
 
     from safetensors.torch import load_file, save_file
 
-    from safe_load import mmap_safetensors
+    from common.safe_load import mmap_safetensors
 
     tensors = {"w": torch.randn(3, 5), "h": torch.randn(4).bfloat16(), "i": torch.arange(6).reshape(2, 3)}
     save_file(tensors, str(tmp_path / "a.safetensors"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import audio
+from media import audio
 import whisperx_vae as wv
 from conftest import FIXTURES, load_fixture, max_rel_err, shared
 

@@ -285,7 +285,7 @@ def _build_full_size(device, render_dtype):
     import speaker_verification
     import whisperx_vae
     from lia_x import RELEASE_CONFIG, Generator
-    from pipeline import TalkerPipeline, demo_tokenizer
+    from runtime.pipeline import TalkerPipeline, demo_tokenizer
     from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
 
     def build(where):
@@ -320,7 +320,7 @@ def _instrument(device, stats: dict):
     import contextlib
 
     import torch
-    import pipeline
+    from runtime import pipeline
     from lia_x import render as liax_render
 
     orig_timed, orig_render = pipeline._timed, liax_render.render_frames
@@ -372,8 +372,8 @@ def cmd_t2av(args) -> int:
     `--video`, then the same request on the eager loop without rendering (captured vs eager)."""
     import torch
     import bench
-    from pipeline import TalkerPipeline
-    from request import GenerationRequest
+    from runtime.pipeline import TalkerPipeline
+    from runtime.request import GenerationRequest
 
     device = torch.device(args.device)
     render_dtype = getattr(torch, args.render_dtype)
@@ -480,7 +480,7 @@ def cmd_t2av(args) -> int:
 
 
 def _resolved_backend(pipe) -> str:
-    import loop_steps
+    from runtime import loop_steps
     try:
         return loop_steps.resolve_backend(pipe.llm.loop_backend, pipe.device)
     except Exception as e:  # noqa: BLE001

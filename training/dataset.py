@@ -31,23 +31,19 @@ import math
 import os
 import pickle
 import random
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
-from audio import load_audio, log_mel_spectrogram, resample  # noqa: E402
-from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MOTION_DIM, SAMPLES_PER_FRAME,  # noqa: E402
+from media.audio import load_audio, log_mel_spectrogram, resample
+from common.constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MOTION_DIM, SAMPLES_PER_FRAME,
                        SAMPLES_PER_FRAME_16K, WHISPER_SAMPLE_RATE)
-from motion_stats import normalize_motion  # noqa: E402
-from prompt import SPEECH_TOKEN, add_placeholder_tokens, build_chat_and_spans, control_tokens_in  # noqa: E402
-from safe_load import safe_torch_load  # noqa: E402
+from common.motion_stats import normalize_motion
+from runtime.prompt import SPEECH_TOKEN, add_placeholder_tokens, build_chat_and_spans, control_tokens_in
+from common.safe_load import safe_torch_load
 
 DEFAULT_TRAIN_CSV = "./data/csv/train.csv"
 DEFAULT_TRAIN_TXT = "./data/txt/train_pt_list.txt"

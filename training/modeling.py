@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 import torch
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
 
-from safe_load import key_report  # noqa: E402
-from speech_llm import (ENCODER_PREFIXES, TIED_KEYS, WEIGHTS_NAME, ModelArguments, SpeechLLM,  # noqa: E402
+from common.safe_load import key_report
+from speech_llm import (ENCODER_PREFIXES, TIED_KEYS, WEIGHTS_NAME, ModelArguments, SpeechLLM,
                         _read_configs, tiny_model_args_and_config)
 
 PRESETS = ("released", "tiny")
@@ -64,13 +60,13 @@ class TalkerArguments:
 
 def tiny_demo_pipeline():
     """The demo's tiny models (same seeds as `infer.py --demo`): tokenizer, VAE and speaker encoder."""
-    from pipeline import TalkerPipeline
+    from runtime.pipeline import TalkerPipeline
     return TalkerPipeline.demo()
 
 
 def build_model(model_args: ModelArguments, talker: TalkerArguments, log=print):
     """(SpeechLLM in float32 on CPU, tokenizer, effective ModelArguments) for the start the config asks for."""
-    from prompt import add_placeholder_tokens, load_tokenizer
+    from runtime.prompt import add_placeholder_tokens, load_tokenizer
 
     if talker.model_preset not in PRESETS:
         raise ConfigError(f"model_preset: expected one of {PRESETS}, got {talker.model_preset!r}")
@@ -83,7 +79,7 @@ def build_model(model_args: ModelArguments, talker: TalkerArguments, log=print):
         log(f"[model] fine-tuning {talker.init_from} (strict load, {n_params(model)} parameters)")
         return model.float(), add_placeholder_tokens(tokenizer), model_args
     if talker.model_preset == "tiny":
-        from pipeline import demo_tokenizer
+        from runtime.pipeline import demo_tokenizer
         _, config = tiny_model_args_and_config()
         model = SpeechLLM(model_args, config)
         log(f"[model] tiny preset, random init ({n_params(model)} parameters)")
@@ -112,7 +108,7 @@ def build_model(model_args: ModelArguments, talker: TalkerArguments, log=print):
 
 
 def folder_tokenizer(folder, model_args):
-    from pipeline import tokenizer_for
+    from runtime.pipeline import tokenizer_for
     return tokenizer_for(folder, model_args.llm_model_name_or_path, model_args.model_max_length)
 
 
@@ -231,7 +227,7 @@ def load_encoders(talker: TalkerArguments):
         demo = tiny_demo_pipeline()
         return demo.vae.eval(), demo.speaker_encoder.eval(), {"preset": "tiny (the demo's random encoders)"}
     import speaker_verification
-    import weights
+    from runtime import weights
     import whisperx_vae
 
     paths = weights.locate(talker.init_from, talker.whisperx_vae_ckpt, None, talker.wavlm_ckpt)

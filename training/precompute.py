@@ -36,9 +36,8 @@ import secrets
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+if not __package__:  # launched by path (python training/x.py, torchrun): the repository root is importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -103,7 +102,7 @@ class ShardWriter:
             return
         from safetensors.torch import save_file
 
-        from atomic import atomic_output
+        from media.atomic import atomic_output
 
         name = f"part-r{self.rank:04d}-{time.time_ns()}-{secrets.token_hex(3)}.safetensors"
         with atomic_output(os.path.join(self.folder, name)) as tmp:
@@ -136,7 +135,7 @@ def check_meta(folder: str, meta: dict, rank: int) -> None:
                 raise ConfigError(f"feature_cache: {folder} was made with {key}={old.get(key)!r}, this run has "
                                   f"{meta.get(key)!r}; use another folder")
     elif rank == 0:
-        from atomic import atomic_output
+        from media.atomic import atomic_output
         with atomic_output(path) as tmp:
             write_json(str(tmp), meta)
 

@@ -18,12 +18,11 @@ import sys
 import numpy as np
 import torch
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+if not __package__:  # launched by path (python training/x.py, torchrun): the repository root is importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audio import save_wav  # noqa: E402
-from motion_stats import MOTION_MEAN, MOTION_STD  # noqa: E402
+from media.audio import save_wav  # noqa: E402
+from common.motion_stats import MOTION_MEAN, MOTION_STD  # noqa: E402
 
 TEXTS = ("Hello there.", "A short test.", "One two three.", "Good morning!", "How are you?", "Bye for now.")
 RATES = (16000, 24000, 22050, 44100)

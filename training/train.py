@@ -30,10 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+if not __package__:  # launched by path (python training/train.py, torchrun): the repository root is importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_PROJECT", "talker-t2av")
@@ -379,7 +377,7 @@ class TalkerTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from safetensors.torch import load_file
 
-        from safe_load import key_report
+        from common.safe_load import key_report
 
         model = model if model is not None else self.model
         path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)

@@ -19,7 +19,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from request import RequestError
+from runtime.request import RequestError
+from speech_llm import to_patches
 
 SPEECH_TOKEN, MOTION_TOKEN = "<SPEECH_FRAME>", "<MOTION_FRAME>"
 
@@ -103,7 +104,7 @@ def text_prompt(tokenizer, text: str, n_patch_placeholders: int, max_tokens: int
 
 @dataclass
 class Prompt:
-    """Everything the loop starts from (SpeechLLM.iter_patches)."""
+    """Everything the loop starts from (generation.PatchStream)."""
     task: str  # "t2av" (speech + motion heads) | "tts" (speech head, motion_pad_emb tokens)
     prefill_embeds: torch.Tensor  # (1, L, D): text up to the first placeholder + prefix patch tokens
     speech_history: List[torch.Tensor]  # (P, 32) patches seeding the speech head's context
@@ -112,14 +113,6 @@ class Prompt:
     first_motion_norm: Optional[torch.Tensor]  # (1, 40) global condition of the motion head (t2av)
     prefix_speech_latents: torch.Tensor  # (frames, 32) reference latents fed as prefix
     prefix_motion_norm: torch.Tensor  # (frames, 40) reference motion fed as prefix (not bf16-rounded)
-
-
-def to_patches(frames_td: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(T, C) -> (ceil(T/P), P, C), zero-padding the last patch."""
-    pad = (-frames_td.size(0)) % patch_size
-    if pad:
-        frames_td = F.pad(frames_td, (0, 0, 0, pad))
-    return frames_td.reshape(-1, patch_size, frames_td.size(-1))
 
 
 @torch.no_grad()

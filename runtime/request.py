@@ -12,7 +12,7 @@ import unicodedata
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Optional
 
-from constants import FPS, MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS
+from common.constants import FPS, MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS
 
 MODES = ("t2av", "a2v", "v2a", "tts")
 MAX_CFM_STEPS = 1000  # 10 is the released value; beyond ~100 nothing changes but the run time

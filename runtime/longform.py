@@ -21,10 +21,10 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from constants import FPS, MAX_FRAMES, PATCH_SIZE
-from generation import GenerationOutput, LengthPlan, Patch, PatchStream, Sampling, plan_lengths, stack_frames
-from motion_stats import normalize_motion
-from prompt import build_prompt, text_prompt
+from common.constants import FPS, MAX_FRAMES, PATCH_SIZE
+from runtime.generation import GenerationOutput, LengthPlan, Patch, PatchStream, Sampling, plan_lengths, stack_frames
+from common.motion_stats import normalize_motion
+from runtime.prompt import build_prompt, text_prompt
 
 LATIN_CHARS_PER_SECOND = 14.0  # letters, digits, spaces and punctuation of alphabetic scripts
 CJK_CHARS_PER_SECOND = 4.5  # one syllable per character
@@ -273,7 +273,7 @@ def run(pipe, req, inputs, windows: List[Window], progress=None) -> LongFormRun:
     """All windows to the end, with a progress bar (pipeline.Progress) per window."""
     from contextlib import ExitStack
 
-    from pipeline import progress_reporter
+    from runtime.pipeline import progress_reporter
 
     lf = LongFormRun(pipe, req, inputs, windows)
     with ExitStack() as stack:

@@ -19,8 +19,8 @@ from typing import List, Optional
 import torch
 from transformers.cache_utils import DynamicCache
 
-from generation import GenerationOutput, LengthPlan, Sampling, stack_frames
-from prompt import Prompt
+from runtime.generation import GenerationOutput, LengthPlan, Sampling, stack_frames
+from runtime.prompt import Prompt
 
 
 @dataclass
@@ -185,9 +185,9 @@ def generate_batch(pipe, requests, batch_size: int = 4, progress=False) -> list:
     loop, finish -> write) with run_batched as the loop. Teacher-forced modes (a2v, v2a) and long-form
     requests (their windows follow one another) run alone. Returns results in request order; a request
     that fails raises (use TalkerPipeline.generate per request for per-line errors)."""
-    import pipeline as P
-    from motion_stats import normalize_motion
-    from prompt import build_prompt, text_prompt
+    from runtime import pipeline as P
+    from common.motion_stats import normalize_motion
+    from runtime.prompt import build_prompt, text_prompt
 
     jobs = []
     for request in requests:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from request import RequestError
+from runtime.request import RequestError
 
 TALKER_REPO = "HKUSTAudio/Talker-T2AV"
 TALKER_SUBDIR = "talker-t2av"

@@ -15,8 +15,8 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from atomic import atomic_output
-from constants import CODEC_SAMPLE_RATE, FPS, MAX_SECONDS, WHISPER_SAMPLE_RATE
+from media.atomic import atomic_output
+from common.constants import CODEC_SAMPLE_RATE, FPS, MAX_SECONDS, WHISPER_SAMPLE_RATE
 
 WHISPER_SAMPLES = WHISPER_SAMPLE_RATE * MAX_SECONDS  # 480000: whisper.pad_or_trim length
 

@@ -22,10 +22,11 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
+from common.constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
                        STOP_THRESHOLD)
-from loop_steps import loop_steps
-from prompt import Prompt, to_patches
+from runtime.loop_steps import loop_steps
+from runtime.prompt import Prompt, build_prompt
+from speech_llm import check_frames, to_patches
 
 TASKS = ("t2av", "tts")
 TEXT_CAP_FACTOR, TEXT_CAP_PAD_SECONDS = 1.5, 1.0  # text rule: 1.5x the estimated speech + 1 s (<= 30 s)
@@ -212,3 +213,70 @@ def collect(stream: PatchStream, progress: Optional[Callable[[int], None]] = Non
 def stack_frames(patches: list, dim: int, device) -> torch.Tensor:
     """(frames, dim) float32 from a list of (P, dim) patches; (0, dim) for none."""
     return torch.cat(patches).float() if patches else torch.zeros((0, dim), device=device)
+
+
+# ------------------------------------------------------------------------------------------ over tensors
+
+@torch.no_grad()
+def generate(model, input_ids, speech_start: int, ref_speech_latents, speaker_emb, ref_motion_norm=None, *,
+             gt_prefix_seconds: float = 0.5, cfm_steps: int = 10, cfm_temperature: float = 0.3, cfm_cfg: float = 2.0,
+             given_speech_latents=None, given_motion_norm=None, task: str = "t2av", max_seconds: Optional[float] = None,
+             plan: Optional[LengthPlan] = None, sampling: Optional[Sampling] = None,
+             progress: Optional[Callable[[int], None]] = None) -> GenerationOutput:
+    """The released inference loop (infer.py: ar_generate_motion_continuation) of a SpeechLLM over tensors.
+
+    input_ids (1, T) prompt ids; speech_start = index of the first patch placeholder;
+    ref_speech_latents (Ls, speech_dim) VAE latents of the reference audio; speaker_emb (1, 256);
+    ref_motion_norm (Tm, motion_dim) normalized reference motion, or None for TTS.
+    given_speech_latents (N, speech_dim): A2V teacher forcing (only motion is sampled);
+    given_motion_norm (M, motion_dim): V2A (only speech is sampled). task="tts" (also chosen when
+    ref_motion_norm is None) follows speech_llm.generate_speech's prompt with the released stop rule.
+    The length is plan_lengths' (released rule unless `max_seconds` or `plan` is given).
+    progress(n) is called after every generated patch with the number of patches so far. The noise comes
+    from the global RNG (seed it with torch.manual_seed before the call).
+    """
+    task = check_generate_inputs(model, input_ids, speech_start, ref_speech_latents, speaker_emb, ref_motion_norm,
+                                 given_speech_latents, given_motion_norm, task)
+    if plan is None:
+        plan = plan_lengths(
+            task, ref_speech_frames=ref_speech_latents.size(0),
+            ref_motion_frames=0 if ref_motion_norm is None else ref_motion_norm.size(0),
+            gt_prefix_seconds=gt_prefix_seconds, delay=model.delay, patch_size=model.patch_size,
+            given_speech_frames=None if given_speech_latents is None else given_speech_latents.size(0),
+            given_motion_frames=None if given_motion_norm is None else given_motion_norm.size(0),
+            max_seconds=max_seconds)
+    prompt = build_prompt(model, input_ids.reshape(1, -1), speech_start, ref_speech_latents, speaker_emb, plan,
+                          ref_motion_norm)
+    sampling = sampling or Sampling(int(cfm_steps), float(cfm_temperature), float(cfm_cfg))
+    return collect(PatchStream(model, prompt, plan, sampling, given_speech_latents, given_motion_norm), progress)
+
+
+def check_generate_inputs(model, input_ids, speech_start, ref_speech, speaker_emb, ref_motion, given_speech,
+                          given_motion, task) -> str:
+    """The task to run (t2av without reference motion is tts); ValueError naming a bad argument."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
+    if given_speech is not None and given_motion is not None:
+        raise ValueError("give at most one of given_speech_latents / given_motion_norm")
+    if ref_motion is None and (given_speech is not None or given_motion is not None):
+        raise ValueError("teacher forcing needs task='t2av' with reference motion (ref_motion_norm)")
+    if ref_motion is None:
+        task = "tts"
+    if task == "tts" and (given_speech is not None or given_motion is not None):
+        raise ValueError("teacher forcing needs task='t2av' with reference motion")
+    if input_ids.dim() > 2 or input_ids.reshape(-1, input_ids.size(-1)).size(0) != 1:
+        raise ValueError(f"input_ids: expected shape (1, T), got {tuple(input_ids.shape)}")
+    if not 0 <= int(speech_start) <= input_ids.size(-1):
+        raise ValueError(f"speech_start {speech_start} outside the prompt of {input_ids.size(-1)} tokens")
+    if speaker_emb.numel() != model.model_args.speaker_embedding_dim:
+        raise ValueError(f"speaker_emb: expected {model.model_args.speaker_embedding_dim} values, "
+                         f"got shape {tuple(speaker_emb.shape)}")
+    speech_dim, motion_dim = model.model_args.speech_embedding_dim, model.model_args.motion_embedding_dim
+    check_frames("ref_speech_latents", ref_speech, speech_dim, allow_empty=True)
+    if task == "t2av":
+        check_frames("ref_motion_norm", ref_motion, motion_dim)
+    if given_speech is not None:
+        check_frames("given_speech_latents", given_speech, speech_dim)
+    if given_motion is not None:
+        check_frames("given_motion_norm", given_motion, motion_dim)
+    return task

@@ -25,13 +25,13 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-import audio as audio_io
-import longform
-import video_io
-from atomic import atomic_outputs
-from constants import CODEC_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
-from motion_stats import denormalize_motion
-from pipeline import GenerationResult, _timed, output_paths, progress_reporter, resolve_request, save_latents
+from media import audio as audio_io
+from runtime import longform
+from media import video_io
+from media.atomic import atomic_outputs
+from common.constants import CODEC_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
+from common.motion_stats import denormalize_motion
+from runtime.pipeline import GenerationResult, _timed, output_paths, progress_reporter, resolve_request, save_latents
 from whisperx_vae import DECODER_CONTEXT_FRAMES, StreamingDecoder
 
 

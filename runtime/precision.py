@@ -80,7 +80,7 @@ def _best_ms(fn, reps: int) -> float:
 def _kernel(x, w):
     """y = x w^T as the loop runs its heads' linear layers on CPU: oneDNN on a packed weight (F.linear where
     this torch has no oneDNN)."""
-    import packed_linear
+    from common import packed_linear
 
     if not packed_linear.available():
         return lambda: F.linear(x, w)

@@ -1,7 +1,7 @@
 """TalkerPipeline: every model of Talker-T2AV in one object, and the four generation modes.
 
-    from pipeline import TalkerPipeline
-    from request import GenerationRequest
+    from runtime.pipeline import TalkerPipeline
+    from runtime.request import GenerationRequest
     pipe = TalkerPipeline.from_pretrained()          # weights via weights.locate (arguments / env vars / hub cache)
     # pipe = TalkerPipeline.demo()                   # tiny random models, offline
     result = pipe.generate(GenerationRequest(mode="t2av", text="Hello there.", output="out.mp4"))
@@ -31,21 +31,21 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-import audio as audio_io
-import video_io
-from atomic import atomic_outputs
-from constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, PATCH_SIZE,
+from media import audio as audio_io
+from media import video_io
+from media.atomic import atomic_outputs
+from common.constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MIN_SECONDS, MOTION_DIM, PATCH_SIZE,
                        SAMPLES_PER_FRAME)
-import longform
-import loop_steps
-import packed_linear as packing  # (`packed_linear` is the mode's name here)
-import precision
-from generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
-from motion_stats import denormalize_motion, normalize_motion
-from prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
-from request import GenerationRequest, RequestError, has_visible_text
+from runtime import longform
+from runtime import loop_steps
+from common import packed_linear as packing  # (`packed_linear` is the mode's name here)
+from runtime import precision
+from runtime.generation import LengthPlan, PatchStream, Sampling, collect, plan_lengths
+from common.motion_stats import denormalize_motion, normalize_motion
+from runtime.prompt import MOTION_TOKEN, SPEECH_TOKEN, build_prompt, load_tokenizer, text_prompt
+from runtime.request import GenerationRequest, RequestError, has_visible_text
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = REPO_ROOT / "samples"
 DEFAULT_TEXT_FILE = SAMPLES / "default_text.txt"
 DEFAULT_REF_AUDIO = SAMPLES / "reference_voice.wav"
@@ -680,7 +680,7 @@ class TalkerPipeline:
             self._llm.packed_linear = mode
 
     def _load(self, name: str):
-        import weights
+        from runtime import weights
 
         loader = self._loaders.get(name)
         if name == "generator" and loader is None and self.liax_ckpt is not None:
@@ -737,7 +737,7 @@ class TalkerPipeline:
         model is dropped once the request no longer needs it (see _stage_done), so the peak is the
         largest stage rather than the sum of all models; a later request reloads what it needs."""
         import speaker_verification
-        import weights
+        from runtime import weights
         import whisperx_vae
         from speech_llm import SpeechLLM
 
@@ -980,7 +980,7 @@ class TalkerPipeline:
         """Generate while yielding streaming.Chunk's (new 24 kHz samples and new frames, with their times)
         every `every` patches; the last item is the GenerationResult generate() returns (written to
         `output` as generate does). See streaming.stream."""
-        import streaming
+        from runtime import streaming
 
         _check_count("every", every)
         return streaming.stream(self, request, every=every, progress=progress, lookahead=lookahead,
@@ -989,7 +989,7 @@ class TalkerPipeline:
     def generate_batch(self, requests, batch_size: int = 4, progress: Progress = False) -> list:
         """generate() for each request, the loops of up to batch_size t2av/tts requests run together
         (batching.generate_batch: same samples as one by one, up to float rounding)."""
-        import batching
+        from runtime import batching
 
         _check_count("batch_size", batch_size)
         return batching.generate_batch(self, requests, batch_size, progress)

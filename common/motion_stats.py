@@ -5,7 +5,7 @@ round-trips float32 exactly); the std is clipped at 1e-6 as the reference infer.
 """
 import torch
 
-from constants import MOTION_DIM  # noqa: F401  (re-exported: the statistics are MOTION_DIM values each)
+from common.constants import MOTION_DIM  # noqa: F401  (re-exported: the statistics are MOTION_DIM values each)
 
 MOTION_MEAN = (
     0.00636434881, 0.0174848288, 0.0163969472, -0.0135359485, -0.0241865516,

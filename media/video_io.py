@@ -24,8 +24,8 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from atomic import atomic_output
-from constants import FPS
+from media.atomic import atomic_output
+from common.constants import FPS
 
 # One wording per problem (the pipeline uses them too)
 NO_VIDEO_STREAM = "no video stream (audio-only or not a video)"
