@@ -42,8 +42,8 @@ import infer  # noqa: E402
 from media import video_io  # noqa: E402
 from common.constants import MAX_SECONDS, RELEASED_CAP_MARGIN_SECONDS  # noqa: E402
 from runtime.longform import CJK_CHARS_PER_SECOND, LATIN_CHARS_PER_SECOND, WINDOW_SECONDS, estimate_speech_seconds  # noqa: E402
-from runtime.pipeline import (DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, RANDOM_WEIGHTS_BANNER,  # noqa: E402
-                      SAMPLES, preflight)
+from runtime.inputs import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, SAMPLES, preflight
+from runtime.pipeline import RANDOM_WEIGHTS_BANNER
 from runtime.request import MODES, GenerationRequest, RequestError, field_kind  # noqa: E402
 
 PROG = "app.py"

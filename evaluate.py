@@ -156,11 +156,11 @@ def parse_metrics(text: str) -> tuple:
     return tuple(m for m in METRICS if m in names)
 
 
-def _dist_env():
+def dist_env():
     """(RANK, WORLD_SIZE) as torchrun sets them (checked by infer.py's reader)."""
     import infer
 
-    return infer._dist_env()[:2]
+    return infer.dist_env()[:2]
 
 
 def _device(args) -> str:
@@ -180,7 +180,7 @@ def prepare_demo(args) -> None:
     broken row (its reference face does not exist) that shows how a bad row is reported."""
     from media import video_io
     from evaluation.manifest import extract_audio, write_manifest
-    from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, SAMPLES
+    from runtime.inputs import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, DEFAULT_TEXT_FILE, SAMPLES
 
     outputs = Path(args.outputs or "outputs/eval_demo")
     inputs = outputs / "demo_inputs"
@@ -419,9 +419,9 @@ def generate(args, rows, progress: bool) -> dict:
 
     import infer
     from evaluation.manifest import GENERATE_FIELDS
-    from runtime.pipeline import preflight
+    from runtime.inputs import preflight
 
-    rank, world = _dist_env()
+    rank, world = dist_env()
     outputs = Path(args.outputs)
     mine = [r for i, r in enumerate(rows) if i % world == rank]
     todo, failed, done = [], {}, 0
@@ -704,9 +704,9 @@ def _set_features(todo, metric: str, features, count_key: str, count, progress, 
 def read_fvd_clip(path, n_frames: int):
     """The first n_frames frames of a video on a 25 fps timeline: uint8 (T, H, W, 3)."""
     from media import video_io
-    from runtime.pipeline import resample_indices
+    from runtime.inputs import resample_indices
 
-    info = video_io._media_info(path)["video"] or {}
+    info = video_io.media_info(path)["video"] or {}
     fps = info.get("fps") or 25.0
     frames, fps = video_io.read_frames(path, max_frames=int(math.ceil(n_frames * fps / 25.0)) + 1)
     frames = frames[resample_indices(len(frames), fps)]
@@ -901,7 +901,7 @@ def run(args) -> int:
         check_model_weights(args, manifest.rows)
     results = Path(args.results) if args.results else outputs / "eval"
 
-    rank, world = _dist_env()
+    rank, world = dist_env()
     failures = {}
     if args.generate:
         failures = generate(args, manifest.rows, progress)

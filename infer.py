@@ -61,8 +61,9 @@ def _add_request_options(ap: argparse.ArgumentParser) -> None:
                 "jsonl, one request per line with keys among: " + ", ".join(REQUEST_FLAGS) + "; missing keys "
                 "take the command-line values. Under torchrun each rank takes lines i with i %% WORLD_SIZE == RANK"))
             group.add_argument("--batch-size", type=int, default=1, help=(
-                "with --batch-file: run the generation loops of up to N t2av/tts lines together (same samples "
-                "as one by one; more patches per second on CPU and GPU)"))
+                "with --batch-file: run the generation loops of up to N lines together, as the rows of one loop "
+                "(same samples as one by one; more patches per second on CPU and GPU; long-form lines run "
+                "alone)"))
 
 
 def add_model_options(ap: argparse.ArgumentParser):
@@ -185,7 +186,7 @@ def in_flag_words(text: str) -> str:
     return text
 
 
-def _dist_env():
+def dist_env():
     """(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them, checked."""
     def read(name, default, low):
         text = os.environ.get(name, str(default))
@@ -273,12 +274,12 @@ def read_batch_file(path: str) -> list:
 def jobs(args) -> list:
     """This rank's requests, each already checked as far as possible without a model (pipeline.preflight),
     and none writing a file that it or another line reads or that another line writes."""
-    from runtime.pipeline import preflight
+    from runtime.inputs import preflight
 
     base = cli_request(args)
     if not args.batch_file:
         return [_spare_files(Job("", preflight(base)), args, {})]
-    rank, world, _, _ = _dist_env()
+    rank, world, _, _ = dist_env()
     stem = os.path.splitext(args.output)[0]
     out, written = [], {}
     for i, (lineno, entry) in enumerate(read_batch_file(args.batch_file)):
@@ -300,7 +301,7 @@ def jobs(args) -> list:
 def _spare_files(job: Job, args, written: dict) -> Job:
     """The job, or a failed job when its outputs (the output group and the stream file) would overwrite an
     input, the batch file, or another line's output (written: {real path: label}, updated)."""
-    from runtime.pipeline import check_outputs_spare_inputs, output_paths
+    from runtime.inputs import check_outputs_spare_inputs, output_paths
 
     if job.request is None:
         return job
@@ -340,7 +341,7 @@ def load_pipeline(args, modes):
 
     if args.render_batch_size is not None and args.render_batch_size < 1:
         raise UserError(f"--render-batch-size must be >= 1, got {args.render_batch_size}")
-    rank, world, local_rank, local_world = _dist_env()
+    rank, world, local_rank, local_world = dist_env()
     device = args.device
     if device is None:
         device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
@@ -385,19 +386,12 @@ def _report(kind: str, text: str) -> None:
 
 
 def _batched_results(pipe, runnable, batch_size: int) -> dict:
-    """{id(job): result} of the lines run in batches of batch_size; a batch that fails is left to the
-    one-by-one path, which reports each line's own error."""
+    """{id(job): its result, or the error that ended it} of the lines run as rows of batches of batch_size
+    (TalkerPipeline.generate_batch: a line that fails leaves the others going)."""
     if batch_size == 1:
         return {}
-    results = {}
-    for lo in range(0, len(runnable), batch_size):
-        chunk = runnable[lo:lo + batch_size]
-        try:
-            for job, result in zip(chunk, pipe.generate_batch([j.request for j in chunk], batch_size)):
-                results[id(job)] = result
-        except (ValueError, OSError):
-            pass
-    return results
+    results = pipe.generate_batch([j.request for j in runnable], batch_size, progress=False, errors="return")
+    return {id(job): result for job, result in zip(runnable, results)}
 
 
 def run(args) -> int:
@@ -406,7 +400,7 @@ def run(args) -> int:
     if args.licences:
         print(weights.licence_text())
         return 0
-    rank, world, _, _ = _dist_env()
+    rank, world, _, _ = dist_env()
     if world > 1 and not args.batch_file and rank != 0:
         print(f"[rank {rank}] nothing to do: without --batch-file only rank 0 runs", flush=True)
         return 0
@@ -425,6 +419,8 @@ def run(args) -> int:
     for job in runnable:
         try:
             result = batched.pop(id(job), None) or _generate(pipe, job.request, args)
+            if isinstance(result, Exception):
+                raise result
         except (ValueError, OSError) as e:
             if not args.batch_file:
                 raise
@@ -489,7 +485,7 @@ def main(argv=None) -> int:
     try:
         check_stream_flags(args)
         check_device(args.device)
-        _dist_env()
+        dist_env()
     except UserError as e:
         _report("error", str(e))
         return 1

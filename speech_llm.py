@@ -146,6 +146,14 @@ class StopPredictor(nn.Module):
         """x (B, T, D) -> logits (B, T)."""
         return self.head(self.actn(self.proj(x))).squeeze(-1)
 
+    @torch.no_grad()
+    def never_stop_(self) -> None:
+        """In place: weights whose p_stop is ~0 for every input (sigmoid(-D * silu(1))), for runs that must
+        reach their length cap (benchmarks, tests)."""
+        self.proj.weight.zero_()
+        self.proj.bias.fill_(1.0)
+        self.head.weight.fill_(-1.0)
+
 
 def build_stop_labels_ditar(B, T, start_t, len_t, device, fps=25, patch_size=4, ignore_seconds=0.3):
     """DiTAR-style stop labels: 0 = continue, 1 = the last patch, -100 = ignored (including
@@ -502,10 +510,12 @@ class SpeechLLM(nn.Module):
         return loss, labels, pos_weight
 
     # ------------------------------------------------------------------ the loop's building blocks
-    def backbone(self, inputs_embeds, cache: Optional[DynamicCache] = None):
-        """Causal pass of the backbone -> final-norm hidden states (B, L, D); extends `cache`."""
+    def backbone(self, inputs_embeds, cache: Optional[DynamicCache] = None, attention_mask=None, position_ids=None):
+        """Causal pass of the backbone -> final-norm hidden states (B, L, D); extends `cache`. Rows of unequal
+        length: left-padded, with attention_mask (B, cached + L) and each row's position_ids (B, L)."""
         with self.amp():
-            out = self.llm.model(inputs_embeds=inputs_embeds, cache=cache, use_cache=cache is not None)
+            out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 position_ids=position_ids, cache=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
     def patch_token(self, speech_frames=None, motion_frames=None, motion_pad: bool = False):
@@ -525,9 +535,10 @@ class SpeechLLM(nn.Module):
                 token = token + self.motion_pad_emb
             return token
 
-    def stop_logit(self, h) -> float:
+    def stop_logits(self, h) -> torch.Tensor:
+        """(B,) float32 stop logits of backbone states (B, D) (p_stop = their sigmoid)."""
         with self.amp():
-            return float(self.head_stop(h.float().unsqueeze(1))[0, 0])
+            return self.head_stop(h.float().unsqueeze(1)).reshape(h.shape[0], -1)[:, 0].float()
 
     def cfm_context(self, history: List[torch.Tensor], dim: int) -> torch.Tensor:
         """(1, dim, context_patches*P): the last context patches of the history, zeros where missing."""
@@ -572,7 +583,7 @@ class SpeechLLM(nn.Module):
         with torch.device("meta"):
             model = cls(model_args, llm_config)
         found = {k: v["shape"] for k, v in header.items() if not k.startswith(ENCODER_PREFIXES)}
-        report = key_report(model._checkpoint_shapes(), found, ignore=TIED_KEYS)
+        report = key_report(model.checkpoint_shapes(), found, ignore=TIED_KEYS)
         if not report.ok():
             raise ValueError(f"{weights}: {report.message('SpeechLLM')}")
         return model
@@ -601,7 +612,7 @@ class SpeechLLM(nn.Module):
         model._materialize_after_assign(device)
         return model.eval()
 
-    def _checkpoint_shapes(self) -> dict:
+    def checkpoint_shapes(self) -> dict:
         return {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith(ENCODER_PREFIXES)}
 
     def _materialize_after_assign(self, device):

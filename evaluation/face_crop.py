@@ -39,7 +39,7 @@ from scipy.interpolate import interp1d
 
 from media.atomic import atomic_outputs
 from evaluation import s3fd
-from media.video_io import _media_info
+from media.video_io import media_info
 
 FRAME_RATE = 25
 FACEDET_SCALE = 0.25
@@ -193,7 +193,7 @@ def crop_face_track(net, video_path, out_path, min_track: int = MIN_TRACK, num_f
     video, out_path = os.fspath(video_path), Path(out_path)
     if out_path.suffix.lower() not in CONTAINERS:
         raise ValueError(f"{out_path}: the crop video must be one of {', '.join(CONTAINERS)}")
-    info = _media_info(video)  # FileNotFoundError / ValueError naming the file
+    info = media_info(video)  # FileNotFoundError / ValueError naming the file
     if info["video"] is None:
         raise ValueError(f"{video}: no video stream")
     if info["audio"] is None:

@@ -189,7 +189,7 @@ def streams(path) -> dict:
         from media import audio as audio_io
 
         return {"video": False, "audio": True, "duration": audio_io.audio_seconds(path)}
-    info = video_io._media_info(path)  # one `ffmpeg -i` call: the stream list
+    info = video_io.media_info(path)  # one `ffmpeg -i` call: the stream list
     return {"video": info["video"] is not None, "audio": info["audio"] is not None, "duration": info["duration"]}
 
 
@@ -212,7 +212,7 @@ def read_audio(path, sample_rate: Optional[int] = None):
         if samples_tc.size == 0:
             raise ValueError(f"{path}: audio file holds no samples")
         return torch.from_numpy(np.ascontiguousarray(samples_tc.mean(axis=1))), int(rate)
-    info = video_io._media_info(path)
+    info = video_io.media_info(path)
     if info["audio"] is None:
         raise ValueError(f"{path}: no audio stream")
     rate = sample_rate or info["audio"]["sample_rate"] or 16000
@@ -232,7 +232,7 @@ def extract_audio(src, dst, seconds: Optional[float] = None) -> str:
     """`src`'s audio (optionally its first `seconds`) as a 16-bit PCM mono wav at its own rate, atomically."""
     from media import video_io
 
-    info = video_io._media_info(src)
+    info = video_io.media_info(src)
     if info["audio"] is None:
         raise ValueError(f"{src}: no audio stream")
     cmd = [video_io.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(src),
@@ -251,7 +251,7 @@ def cut_video(src, dst, seconds: float) -> str:
     """The first `seconds` of `src`'s frames (no audio) as an H.264 mp4, atomically."""
     from media import video_io
 
-    frames, fps = video_io.read_frames(src, max_frames=max(1, round(seconds * (video_io._media_info(src)["video"]
+    frames, fps = video_io.read_frames(src, max_frames=max(1, round(seconds * (video_io.media_info(src)["video"]
                                                                                ["fps"] or 25))))
     video_io.write_video(dst, frames, fps=fps)
     return str(dst)

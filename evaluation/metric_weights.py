@@ -128,7 +128,6 @@ def torch_hub_checkpoints() -> Path:
     return Path(torch_home) / "hub" / "checkpoints"
 
 
-_hub_cached = weights._cached  # a file of the local hub cache or None, as infer.py's weights are found
 
 
 def _given(path, name: str, origin: str, folder: bool = False) -> str:
@@ -153,8 +152,6 @@ def locate(names: Iterable[str], given: Optional[dict] = None, env=None, use_cac
            wavlm_filename: Optional[str] = None) -> Resolved:
     """Resolve each named checkpoint (flag > environment > hub cache > torch.hub folder); None where not found.
     `given`: {name: path from its flag}. Paths given explicitly (flag or environment) must exist."""
-    from runtime import weights
-
     env = os.environ if env is None else env
     given = given or {}
     out = Resolved()
@@ -173,7 +170,7 @@ def locate(names: Iterable[str], given: Optional[dict] = None, env=None, use_cac
             elif env.get(ASR_ENV):
                 path, source = _given(env[ASR_ENV], name, f"${ASR_ENV}", folder=True), "env"
             elif use_cache:
-                found = _hub_cached(ASR_REPOS[asr], "config.json")
+                found = weights.hub_cached(ASR_REPOS[asr], "config.json")
                 if found:
                     path, source = os.path.dirname(found), "hub cache"
         else:
@@ -183,7 +180,7 @@ def locate(names: Iterable[str], given: Optional[dict] = None, env=None, use_cac
             elif env.get(ckpt.env):
                 path, source = _given(env[ckpt.env], name, f"${ckpt.env}"), "env"
             elif use_cache:
-                found = _hub_cached(ckpt.hf_repo, ckpt.filename) if ckpt.hf_repo else None
+                found = weights.hub_cached(ckpt.hf_repo, ckpt.filename) if ckpt.hf_repo else None
                 if found:
                     path, source = found, "hub cache"
                 elif (torch_hub_checkpoints() / ckpt.filename).is_file():
@@ -197,8 +194,6 @@ def locate(names: Iterable[str], given: Optional[dict] = None, env=None, use_cac
 
 def missing_message(names: Iterable[str], asr: str = "qwen3-asr") -> str:
     """One line: what is missing, the flag and variable of each, and the ways forward."""
-    from runtime import weights
-
     items = []
     for name in names:
         if name == "asr":
@@ -252,8 +247,6 @@ def download(names: Iterable[str], resolved: Resolved, asr: str = "qwen3-asr", p
     else from the publisher's URL (into torch.hub's checkpoint folder); the other source if the first fails."""
     import huggingface_hub as hub
 
-    from runtime import weights
-
     for name in resolved.missing(names):
         if name == "wavlm":
             got = weights.download(["wavlm"])
@@ -293,8 +286,6 @@ def _first_line(e: BaseException) -> str:
 
 def licence_table(asr: Optional[str] = None) -> str:
     """Markdown table: every metric checkpoint, where it comes from, size/sha256 where known, its licence."""
-    from runtime import weights
-
     rows = ["| checkpoint | used for | flag / env | source | size, sha256 | licence |",
             "| --- | --- | --- | --- | --- | --- |"]
     for c in CHECKPOINTS.values():

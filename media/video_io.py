@@ -94,7 +94,7 @@ def _parse_rate(fields: list[str], unit: str) -> float | None:
 _STREAM_RE = re.compile(r"^\s*Stream #0:(\d+)\S*?: (Video|Audio|Subtitle|Data|Attachment): (.*)$")
 
 
-def _media_info(path) -> dict:
+def media_info(path) -> dict:
     """Header facts of the first video (not cover art) and first audio stream of a file."""
     abspath = _check_file(path)
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", abspath]
@@ -160,7 +160,7 @@ MIN_FACE_PIXELS = 32  # a smaller picture holds no face to render (LIA-X works a
 def check_video_stream(path) -> None:
     """ValueError unless the file's header shows a video stream of at least MIN_FACE_PIXELS on each side
     (nothing decoded)."""
-    video = _media_info(path)["video"]
+    video = media_info(path)["video"]
     if video is None:
         raise ValueError(f"{path}: {NO_VIDEO_STREAM}")
     w, h = video.get("width"), video.get("height")
@@ -177,7 +177,7 @@ def read_frames(path, max_frames: int | None = None) -> tuple[np.ndarray, float]
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"{path}: max_frames must be >= 1, got {max_frames}")
-    info = _media_info(path)
+    info = media_info(path)
     video = info["video"]
     if video is None:
         raise ValueError(f"{path}: {NO_VIDEO_STREAM}")
@@ -334,7 +334,7 @@ def _encode_h264(out_tmp: Path, frames_iter, fps, path_for_errors, faststart: bo
 
 
 def _audio_info(audio_path) -> dict:
-    audio = _media_info(audio_path)["audio"]
+    audio = media_info(audio_path)["audio"]
     if audio is None:
         raise ValueError(f"{audio_path}: no audio stream")
     return audio
@@ -633,7 +633,7 @@ def probe(path) -> dict:
     (decoded samples, encoder delay excluded, s), duration (container, s), faststart (mp4/mov:
     moov before mdat; None for other containers). Fields of an absent stream are None.
     """
-    info = _media_info(path)
+    info = media_info(path)
     if info["video"] is None and info["audio"] is None:
         raise ValueError(f"{path}: no audio or video stream")
     timing = _stream_timing(path)

@@ -11,21 +11,21 @@ Per step (infer.py: ar_generate_motion_continuation): from patch `stop_min_patch
 `stop_patience` consecutive stop probabilities reach `stop_threshold`; sample a speech patch (then, from
 step `delay` on, a motion patch) from the backbone state; feed their summed patch tokens back.
 Teacher forcing (A2V / V2A): the given speech or motion frames stand in for one head's samples, the stop
-head is not read, and the length is the given one. Long-form windows, streaming and `SpeechLLM.generate`
-all consume this one loop.
+head is not read, and the length is the given one. `Loop` runs it for one request or several (the rows of
+a batch); a single run, long-form windows, streaming, batches and `generate` (over tensors) all drive it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
 from common.constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
                        STOP_THRESHOLD)
 from runtime.loop_steps import loop_steps
-from runtime.prompt import Prompt, build_prompt
+from runtime.prompt import Prompt, build_prompt, n_placeholders
 from speech_llm import check_frames, to_patches
 
 TASKS = ("t2av", "tts")
@@ -73,7 +73,7 @@ def plan_lengths(task: str, *, ref_speech_frames: int, ref_motion_frames: int = 
         prefix_patches = math.ceil(prefix / PS)
         released = max(0, math.ceil(max(1, ref_speech_frames) / PS) - prefix_patches + margin_patches)
         plan = dict(prefix_frames=prefix, prefix_patches=prefix_patches, history_speech_frames=prefix,
-                    ref_motion_patches=0, n_placeholders=max(math.ceil(ref_speech_frames / PS), D))
+                    ref_motion_patches=0, n_placeholders=n_placeholders(ref_speech_frames, 0, D, PS))
     else:
         motion_len = max(PS, (ref_motion_frames // PS) * PS)
         prefix = (max(0, min(int(gt_prefix_seconds * FPS), motion_len)) // PS) * PS  # floored, as infer.py
@@ -87,7 +87,7 @@ def plan_lengths(task: str, *, ref_speech_frames: int, ref_motion_frames: int = 
         plan = dict(prefix_frames=prefix, prefix_patches=prefix_patches,
                     history_speech_frames=min((prefix // PS + D) * PS, ref_speech_frames),
                     ref_motion_patches=motion_len // PS,
-                    n_placeholders=max(math.ceil(speech_frames / PS), motion_frames // PS + D))
+                    n_placeholders=n_placeholders(speech_frames, motion_frames, D, PS))
     if given_speech_frames is not None:
         return LengthPlan(task, **plan, max_steps=math.ceil(given_speech_frames / PS), rule="given_speech",
                           use_stop_head=False)
@@ -124,57 +124,175 @@ class Patch:
     stop_prob: Optional[float]  # p_stop read before this patch was sampled (None when not read)
 
 
+@dataclass
+class LoopRow:
+    """One request's run of the loop."""
+    prompt: Prompt
+    plan: LengthPlan
+    sampling: Sampling = Sampling()
+    given_speech_latents: Optional[torch.Tensor] = None  # a2v: (N, 32) the speech half of every token
+    given_motion_norm: Optional[torch.Tensor] = None  # v2a: (M, 40) the motion half of every token
+    generator: Optional[torch.Generator] = None  # the row's noise (torch.Generator); None: the global RNG
+
+    @property
+    def forced(self) -> bool:
+        return self.given_speech_latents is not None or self.given_motion_norm is not None
+
+
+def batch_key(row: LoopRow) -> tuple:
+    """Rows with equal keys can share one loop: one task, and the head settings that are one scalar per CFM
+    call (the temperature is per row: it scales each row's own noise)."""
+    return row.prompt.task, row.sampling.cfm_steps, float(row.sampling.cfm_cfg)
+
+
+class _RowState:
+    """A row while the loop runs: the head histories, the stop streak, the given patches and the noise source."""
+
+    def __init__(self, row: LoopRow, model):
+        dev, PS = model.device, model.patch_size
+        self.row, self.plan, self.sampling = row, row.plan, row.sampling
+        self.history = {"speech": list(row.prompt.speech_history), "motion": list(row.prompt.motion_history)}
+        self.given = {"speech": None if row.given_speech_latents is None
+                      else to_patches(row.given_speech_latents.to(dev).float(), PS),
+                      "motion": None if row.given_motion_norm is None
+                      else to_patches(row.given_motion_norm.to(dev).float(), PS)}
+        self.global_cond = {"speech": row.prompt.speaker_emb, "motion": row.prompt.first_motion_norm}
+        self.rng = row.generator
+        self.reads_stop_head = row.plan.use_stop_head and not row.forced
+        self.streak = 0
+        self.stopped_by = "given_length" if row.forced else "length_cap"
+        self.n_patches = 0
+
+    def stops(self, step: int, stop_prob: Optional[float]) -> bool:
+        """The released stop rule: stop_patience consecutive p_stop >= stop_threshold end the row."""
+        if stop_prob is None:
+            return False
+        self.streak = self.streak + 1 if stop_prob >= self.sampling.stop_threshold else 0
+        if self.streak >= self.sampling.stop_patience:
+            self.stopped_by = "stop_head"
+            return True
+        return False
+
+
+class Loop:
+    """The released loop (infer.py: ar_generate_motion_continuation) for one request or several: iterate for
+    (row index, Patch), every live row's patch at each step in row order. `stopped_by[i]` and `n_patches[i]`
+    are final when the iteration ends.
+
+    Per step: a row ends at its plan's max_steps or, from patch stop_min_patches on, once stop_patience
+    consecutive stop probabilities reach stop_threshold (teacher-forced rows: at the given length, the stop
+    head unread). Each live row then gets a speech patch (from step `delay` on, also a motion patch): its given
+    frames (teacher forcing), or sampled from its backbone state in one CFM call per head for all rows. The
+    rows' summed patch tokens go back through one backbone step (loop_steps: eager, static cache or CUDA
+    graphs). A row's noise comes from its own generator when it has one (else from the global RNG): one
+    randn(1, C, P) per sampled patch, in the order a lone run draws them, so a generator seeded with s gives
+    the samples of a lone run after torch.manual_seed(s), batched or not, up to the float rounding of batched
+    GEMMs."""
+
+    def __init__(self, model, rows: List[LoopRow]):
+        if not rows:
+            raise ValueError("the loop needs at least one row")
+        if len({batch_key(r) for r in rows}) > 1:
+            raise ValueError("rows of one loop need one task and one cfm_steps / cfm_cfg (see batch_key)")
+        for r in rows:
+            if r.prompt.task != r.plan.task:
+                raise ValueError(f"prompt is for {r.prompt.task!r}, plan for {r.plan.task!r}")
+            if r.forced and r.plan.task != "t2av":
+                raise ValueError("teacher forcing needs task='t2av' with reference motion")
+        self.model, self.rows = model, list(rows)
+        self.stopped_by: List[Optional[str]] = [None] * len(rows)
+        self.n_patches = [0] * len(rows)
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[Tuple[int, Patch]]:
+        m, task = self.model, self.rows[0].prompt.task
+        states = [_RowState(r, m) for r in self.rows]
+        prefills = [r.prompt.prefill_embeds for r in self.rows]
+        steps = loop_steps(m, max(p.shape[1] for p in prefills) + max(r.plan.max_steps for r in self.rows),
+                           batch=len(self.rows))
+        try:
+            live, h = list(range(len(states))), steps.prefill(prefills)
+            step = 0
+            while True:
+                stop_probs = self._stop_probs(states, live, step, h)
+                going = [k for k, i in enumerate(live)
+                         if step < states[i].plan.max_steps and not states[i].stops(step, stop_probs[k])]
+                if not going:
+                    return
+                if len(going) < len(live):
+                    live, h, stop_probs = [live[k] for k in going], h[going], [stop_probs[k] for k in going]
+                    steps.keep(going)
+                speech = self._patches(steps, m.speech_cfm, "speech", states, live, step, h)
+                motion = None
+                if task == "t2av" and step >= m.delay:
+                    motion = self._patches(steps, m.motion_cfm, "motion", states, live, step - m.delay, h)
+                for k, i in enumerate(live):
+                    states[i].n_patches = self.n_patches[i] = step + 1
+                    yield i, Patch(step, speech[k], None if motion is None else motion[k], stop_probs[k])
+                step += 1
+                more = [k for k, i in enumerate(live) if step < states[i].plan.max_steps]
+                if not more:  # the state after a row's last possible patch is never used
+                    return
+                if len(more) < len(live):
+                    live, speech = [live[k] for k in more], speech[more]
+                    motion = None if motion is None else motion[more]
+                    steps.keep(more)
+                h = steps.advance(speech, motion, motion_pad=(task == "tts"))
+        finally:
+            self.stopped_by = [s.stopped_by for s in states]
+
+    def _stop_probs(self, states, live, step, h) -> list:
+        """p_stop of each live row that reads the stop head at this step (None for the others)."""
+        reads = [states[i].reads_stop_head and step >= states[i].sampling.stop_min_patches
+                 and step < states[i].plan.max_steps for i in live]
+        if not any(reads):
+            return [None] * len(live)
+        probs = torch.sigmoid(self.model.stop_logits(h)).tolist()
+        return [p if r else None for p, r in zip(probs, reads)]
+
+    def _patches(self, steps, cfm, head: str, states, live, index: int, h) -> torch.Tensor:
+        """(B, P, C): the given patch of rows forced for this head, one CFM call for the others."""
+        m = self.model
+        out = [states[i].given[head][index] if states[i].given[head] is not None else None for i in live]
+        todo = [k for k, patch in enumerate(out) if patch is None]
+        if todo:
+            rows = [states[live[k]] for k in todo]
+            C, P = cfm.in_channels, m.patch_size
+            cond = torch.cat([m.cfm_context(r.history[head], C) for r in rows])
+            global_cond = torch.cat([r.global_cond[head].float() for r in rows])
+            noise = torch.cat([torch.randn((1, C, P), generator=r.rng, device=m.device, dtype=torch.float32)
+                               * float(r.sampling.cfm_temperature) for r in rows])
+            sampled = steps.sample(cfm, h[todo] if len(todo) < len(live) else h, cond, global_cond, noise,
+                                   rows[0].sampling)
+            for j, k in enumerate(todo):
+                out[k] = sampled[j]
+        for k, i in enumerate(live):
+            states[i].history[head].append(out[k])
+        return torch.stack(out)
+
+
 class PatchStream:
-    """Iterate to run the loop; `stopped_by` and `n_patches` are set when it ends."""
+    """The loop of one request: iterate for its Patches; `stopped_by` and `n_patches` are set when it ends.
+    The noise comes from the global RNG unless a `generator` is given."""
 
     def __init__(self, model, prompt: Prompt, plan: LengthPlan, sampling: Sampling = Sampling(),
                  given_speech_latents: Optional[torch.Tensor] = None,
-                 given_motion_norm: Optional[torch.Tensor] = None):
-        if prompt.task != plan.task:
-            raise ValueError(f"prompt is for {prompt.task!r}, plan for {plan.task!r}")
-        if (given_speech_latents is not None or given_motion_norm is not None) and plan.task != "t2av":
-            raise ValueError("teacher forcing needs task='t2av' with reference motion")
+                 given_motion_norm: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None):
         self.model, self.prompt, self.plan, self.sampling = model, prompt, plan, sampling
-        dev, PS = model.device, model.patch_size
-        self._given_speech = None if given_speech_latents is None else to_patches(given_speech_latents.to(dev).float(), PS)
-        self._given_motion = None if given_motion_norm is None else to_patches(given_motion_norm.to(dev).float(), PS)
-        self.stopped_by: Optional[str] = None
-        self.n_patches = 0
+        self.loop = Loop(model, [LoopRow(prompt, plan, sampling, given_speech_latents, given_motion_norm,
+                                         generator)])
 
-    @torch.no_grad()
     def __iter__(self) -> Iterator[Patch]:
-        m, p, s = self.model, self.prompt, self.sampling
-        speech_hist, motion_hist = list(p.speech_history), list(p.motion_history)
-        forced = self._given_speech is not None or self._given_motion is not None
-        self.stopped_by = "given_length" if forced else "length_cap"
-        steps = loop_steps(m, p.prefill_embeds.shape[1] + self.plan.max_steps)
-        h = steps.prefill(p.prefill_embeds)
-        streak = 0
-        for step in range(self.plan.max_steps):
-            stop_prob = None
-            if self.plan.use_stop_head and not forced and step >= s.stop_min_patches:
-                stop_prob = float(torch.sigmoid(torch.tensor(m.stop_logit(h))))
-                streak = streak + 1 if stop_prob >= s.stop_threshold else 0
-                if streak >= s.stop_patience:
-                    self.stopped_by = "stop_head"
-                    return
-            speech = self._next_patch(steps, self._given_speech, step, m.speech_cfm, h, speech_hist, p.speaker_emb)
-            speech_hist.append(speech)
-            motion = None
-            if p.task == "t2av" and step >= m.delay:
-                motion = self._next_patch(steps, self._given_motion, step - m.delay, m.motion_cfm, h,
-                                          motion_hist, p.first_motion_norm)
-                motion_hist.append(motion)
-            self.n_patches = step + 1
-            yield Patch(step, speech, motion, stop_prob)
-            if step + 1 < self.plan.max_steps:  # the state after the last possible patch is never used
-                h = steps.advance(speech, motion, motion_pad=(p.task == "tts"))
+        for _, patch in self.loop:
+            yield patch
 
-    def _next_patch(self, steps, given, index, cfm, h, history, global_cond):
-        """The given frames (teacher forcing) or a patch sampled by `cfm` from state h and the history."""
-        if given is not None:
-            return given[index]
-        return steps.sample(cfm, h, self.model.cfm_context(history, cfm.in_channels), global_cond, self.sampling)
+    @property
+    def stopped_by(self) -> Optional[str]:
+        return self.loop.stopped_by[0]
+
+    @property
+    def n_patches(self) -> int:
+        return self.loop.n_patches[0]
 
 
 # ------------------------------------------------------------------------------------------ collecting
@@ -191,28 +309,48 @@ class GenerationOutput:
     stop_probs: list = field(default_factory=list)  # p_stop per patch (None where not read)
 
 
+class Collector:
+    """Patches gathered into a GenerationOutput (on `device`; one run or the windows of a long-form run)."""
+
+    def __init__(self, model, device=None):
+        self.device = torch.device(device) if device is not None else model.device
+        self.dims = model.model_args.speech_embedding_dim, model.model_args.motion_embedding_dim
+        self.speech, self.motion, self.stop_probs = [], [], []
+
+    def add(self, patch: Patch) -> None:
+        self.speech.append(patch.speech_latents.to(self.device))
+        if patch.motion_norm is not None:
+            self.motion.append(patch.motion_norm.to(self.device))
+        self.stop_probs.append(patch.stop_prob)
+
+    def frames(self, head: str) -> torch.Tensor:
+        """(frames, dim) float32 of what was gathered so far."""
+        patches, dim = (self.speech, self.dims[0]) if head == "speech" else (self.motion, self.dims[1])
+        return torch.cat(patches).float() if patches else torch.zeros((0, dim), device=self.device)
+
+    def output(self, prompt: Prompt, stopped_by: str, plan: Optional[LengthPlan]) -> GenerationOutput:
+        return GenerationOutput(self.frames("speech"), self.frames("motion"), prompt.prefix_speech_latents.float(),
+                                prompt.prefix_motion_norm.float(), len(self.stop_probs), stopped_by, plan,
+                                list(self.stop_probs))
+
+
 def collect(stream: PatchStream, progress: Optional[Callable[[int], None]] = None) -> GenerationOutput:
     """Run a stream to its end; progress(n) after every patch."""
-    speech, motion, stop_probs = [], [], []
+    patches = Collector(stream.model)
     for patch in stream:
-        speech.append(patch.speech_latents)
-        if patch.motion_norm is not None:
-            motion.append(patch.motion_norm)
-        stop_probs.append(patch.stop_prob)
+        patches.add(patch)
         if progress is not None:
             progress(patch.index + 1)
-    m, dev = stream.model, stream.model.device
-    return GenerationOutput(
-        speech_latents=stack_frames(speech, m.model_args.speech_embedding_dim, dev),
-        motion_norm=stack_frames(motion, m.model_args.motion_embedding_dim, dev),
-        prefix_speech_latents=stream.prompt.prefix_speech_latents.float(),
-        prefix_motion_norm=stream.prompt.prefix_motion_norm.float(),
-        n_patches=stream.n_patches, stopped_by=stream.stopped_by, plan=stream.plan, stop_probs=stop_probs)
+    return patches.output(stream.prompt, stream.stopped_by, stream.plan)
 
 
-def stack_frames(patches: list, dim: int, device) -> torch.Tensor:
-    """(frames, dim) float32 from a list of (P, dim) patches; (0, dim) for none."""
-    return torch.cat(patches).float() if patches else torch.zeros((0, dim), device=device)
+def run_rows(model, rows: List[LoopRow]) -> List[GenerationOutput]:
+    """The loop over several rows at once, each collected (batches of requests)."""
+    loop = Loop(model, rows)
+    patches = [Collector(model) for _ in rows]
+    for i, patch in loop:
+        patches[i].add(patch)
+    return [p.output(r.prompt, loop.stopped_by[i], r.plan) for i, (p, r) in enumerate(zip(patches, rows))]
 
 
 # ------------------------------------------------------------------------------------------ over tensors

@@ -1,6 +1,8 @@
-"""Long-form generation: a text (or an a2v/v2a input) of any length as a run of windows.
+"""A run as windows: the loop of every request, and long-form generation of a text (or an a2v/v2a input)
+of any length.
 
-Each window is one run of generation.PatchStream with its own LengthPlan:
+A single run is one window under the request's own length rule (released, max_seconds or the given
+length). A long-form run is several, each one run of generation.PatchStream with its own LengthPlan:
 - t2av/tts: the text is split into windows (split_windows): whole sentences packed while their estimated
   speech stays within WINDOW_SECONDS; a longer sentence is cut at clause marks, then between words (CJK:
   between characters). Each window's cap is the "text" rule of plan_lengths: min(30 s, 1.5 x estimate + 1 s).
@@ -9,20 +11,22 @@ Each window is one run of generation.PatchStream with its own LengthPlan:
 Window 1 is prompted with the reference clip, as a single run. Window k > 1 is prompted with the last
 gt_prefix_seconds of the output so far (speech latents and normalised motion) as the prefix, with the
 ORIGINAL speaker embedding and first motion frame as global conditions; that replayed prefix is not repeated
-in the output. The seed is set once, before window 1.
+in the output. The seed is set once, before window 1 (one noise generator runs through every window).
+`WindowLoop` drives this for TalkerPipeline.generate and .stream alike.
 """
 from __future__ import annotations
 
 import math
 import re
 import unicodedata
-from dataclasses import dataclass, field, replace
-from typing import Iterator, List, Optional
+from dataclasses import dataclass, replace
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 from common.constants import FPS, MAX_FRAMES, PATCH_SIZE
-from runtime.generation import GenerationOutput, LengthPlan, Patch, PatchStream, Sampling, plan_lengths, stack_frames
+from runtime.generation import Collector, LengthPlan, LoopRow, Patch, PatchStream, Sampling, plan_lengths
+from runtime.inputs import prefix_motion_frames
 from common.motion_stats import normalize_motion
 from runtime.prompt import build_prompt, text_prompt
 
@@ -133,6 +137,8 @@ class Window:
     text: str
     given_start: int = 0  # a2v/v2a: first frame of the given input this window drives with
     given_end: int = 0
+    plan: Optional[LengthPlan] = None  # set by plan_run (windows k > 1: for a tail of tail_frames)
+    text_ids: Optional[tuple] = None  # (input_ids, speech_start) of its prompt for that plan
 
 
 @dataclass
@@ -146,32 +152,35 @@ class WindowReport:
     max_seconds: float
 
 
-def plan_windows(req, inputs) -> Optional[List[Window]]:
-    """The windows of a request, or None for one run as before (long_form off, or auto and one window)."""
+def plan_windows(req, inputs) -> Tuple[List[Window], bool]:
+    """(the windows of a request, long_form): one window for a single run (long_form off, or auto and one
+    window's worth)."""
+    given = inputs.given_speech if req.mode == "a2v" else inputs.given_motion_raw
+    n_given = 0 if given is None else given.shape[0]
     if req.mode in ("t2av", "tts"):
         texts = split_windows(req.text)
         if req.long_form is False or (req.long_form is None and len(texts) == 1):
-            return None
-        return [Window(i, t) for i, t in enumerate(texts)]
-    given = inputs.given_speech if req.mode == "a2v" else inputs.given_motion_raw
-    n = given.shape[0]
-    if req.long_form is False or (req.long_form is None and n <= MAX_FRAMES):
-        return None
-    n_windows = max(1, math.ceil(n / GIVEN_WINDOW_FRAMES))
+            return [Window(0, req.text)], False
+        return [Window(i, t) for i, t in enumerate(texts)], True
+    if req.long_form is False or (req.long_form is None and n_given <= MAX_FRAMES):
+        return [Window(0, req.text, 0, n_given)], False
+    n_windows = max(1, math.ceil(n_given / GIVEN_WINDOW_FRAMES))
     texts = _share_text(req.text, n_windows)
-    return [Window(i, texts[i], i * GIVEN_WINDOW_FRAMES, min(n, (i + 1) * GIVEN_WINDOW_FRAMES))
-            for i in range(n_windows)]
+    return [Window(i, texts[i], i * GIVEN_WINDOW_FRAMES, min(n_given, (i + 1) * GIVEN_WINDOW_FRAMES))
+            for i in range(n_windows)], True
 
 
 def tail_frames(req, task: str) -> int:
     """Frames of the output so far replayed as the prefix of windows k > 1 (plan_lengths' prefix length)."""
     if task == "tts":
         return int(round(req.gt_prefix_seconds * FPS))
-    return (int(req.gt_prefix_seconds * FPS) // PATCH_SIZE) * PATCH_SIZE
+    return prefix_motion_frames(req)
 
 
-def window_plan(pipe, req, inputs, window: Window, ref_frames: Optional[int] = None) -> LengthPlan:
-    """Window 1: the reference clip's lengths; later windows: a reference clip of `ref_frames` (the tail)."""
+def window_plan(pipe, req, inputs, window: Window, ref_frames: Optional[int] = None,
+                text_rule: bool = True) -> LengthPlan:
+    """Window 1: the reference clip's lengths; later windows: a reference clip of `ref_frames` (the tail).
+    text_rule=False: the request's own length rule (a single run: released, max_seconds or the given length)."""
     task = "tts" if req.mode == "tts" else "t2av"
     first = window.index == 0
     speech_frames = inputs.ref_latents.shape[0] if first else ref_frames
@@ -180,88 +189,26 @@ def window_plan(pipe, req, inputs, window: Window, ref_frames: Optional[int] = N
     return plan_lengths(task, ref_speech_frames=speech_frames, ref_motion_frames=motion_frames,
                         gt_prefix_seconds=req.gt_prefix_seconds, delay=pipe.delay, patch_size=pipe.patch_size,
                         given_speech_frames=n_given if req.mode == "a2v" else None,
-                        given_motion_frames=n_given if req.mode == "v2a" else None,
-                        max_seconds=req.max_seconds, text_seconds=estimate_speech_seconds(window.text))
+                        given_motion_frames=n_given if req.mode == "v2a" else None, max_seconds=req.max_seconds,
+                        text_seconds=estimate_speech_seconds(window.text) if text_rule else None)
 
 
-def check_windows(pipe, req, inputs, windows: List[Window]) -> None:
-    """Every window's prompt fits the model (run before generating anything)."""
-    if pipe.delay != 0:
-        raise ValueError(f"long-form windows need a model with delay 0 (the release); this one has "
-                         f"{pipe.delay}")
+def plan_run(pipe, req, inputs) -> Tuple[List[Window], bool]:
+    """(windows, long_form), every window planned (k > 1: for a tail of tail_frames) with its prompt's text
+    ids, so a prompt that does not fit the model fails before the loop starts."""
+    windows, long_form = plan_windows(req, inputs)
+    if long_form and pipe.delay != 0:
+        raise ValueError(f"long-form windows need a model with delay 0 (the release); this one has {pipe.delay}")
+    task = "tts" if req.mode == "tts" else "t2av"
     for w in windows:
-        plan = window_plan(pipe, req, inputs, w, tail_frames(req, "tts" if req.mode == "tts" else "t2av"))
-        text_prompt(pipe.tokenizer, w.text, plan.n_placeholders, int(pipe.model_args.model_max_length),
-                    pipe.patch_size)
+        _plan_window(pipe, req, inputs, w, None if w.index == 0 else tail_frames(req, task), long_form)
+    return windows, long_form
 
 
-@dataclass
-class LongFormRun:
-    """Iterate for (window, patch) as they are sampled; `output` (all windows as one GenerationOutput) and
-    `reports` are set at the end."""
-    pipe: object
-    req: object
-    inputs: object
-    windows: List[Window]
-    output: Optional[GenerationOutput] = None
-    reports: List[WindowReport] = field(default_factory=list)
-    first_plan: Optional[LengthPlan] = None  # window 1's plan when not the text rule (a single run as before)
-    prompts: list = field(default_factory=list)  # the prompt of every window started
-    output_plan: Optional[LengthPlan] = None
-
-    @torch.no_grad()
-    def __iter__(self) -> Iterator[tuple]:
-        pipe, req, inputs = self.pipe, self.req, self.inputs
-        task = "tts" if req.mode == "tts" else "t2av"
-        sampling = Sampling(req.cfm_steps, req.cfm_temperature, req.cfm_cfg)
-        ref_motion_norm = None if inputs.ref_motion_raw is None else normalize_motion(inputs.ref_motion_raw)
-        given_motion = None if inputs.given_motion_raw is None else normalize_motion(inputs.given_motion_raw)
-        speech, motion, stop_probs = [], [], []  # generated patches of every window
-        first_prompt = None
-        torch.manual_seed(req.seed)
-        for w in self.windows:
-            if w.index == 0:
-                plan = self.output_plan = self.first_plan or window_plan(pipe, req, inputs, w)
-                ref_latents, ref_motion = inputs.ref_latents, ref_motion_norm
-            else:
-                so_far_speech = torch.cat([first_prompt.prefix_speech_latents.cpu()] + speech)
-                n_tail = min(tail_frames(req, task), so_far_speech.shape[0])
-                plan = window_plan(pipe, req, inputs, w, n_tail)
-                ref_latents = so_far_speech[so_far_speech.shape[0] - n_tail:]
-                ref_motion = None
-                if task == "t2av":
-                    so_far_motion = torch.cat([first_prompt.prefix_motion_norm.cpu()] + motion)
-                    ref_motion = so_far_motion[max(0, so_far_motion.shape[0] - max(n_tail, PATCH_SIZE)):]
-            input_ids, speech_start = text_prompt(pipe.tokenizer, w.text, plan.n_placeholders,
-                                                  int(pipe.model_args.model_max_length), pipe.patch_size)
-            prompt = build_prompt(pipe.llm, input_ids, speech_start, ref_latents, inputs.speaker, plan, ref_motion)
-            if w.index == 0:
-                first_prompt = prompt
-            else:  # identity from the reference clip, not from the tail
-                prompt = replace(prompt, speaker_emb=first_prompt.speaker_emb,
-                                 first_motion_norm=first_prompt.first_motion_norm)
-            self.prompts.append(prompt)
-            given_s = None if inputs.given_speech is None else inputs.given_speech[w.given_start:w.given_end]
-            given_m = None if given_motion is None else given_motion[w.given_start:w.given_end]
-            stream = PatchStream(pipe.llm, prompt, plan, sampling, given_s, given_m)
-            start = sum(s.shape[0] for s in speech)
-            for patch in stream:
-                speech.append(patch.speech_latents.float().cpu())
-                if patch.motion_norm is not None:
-                    motion.append(patch.motion_norm.float().cpu())
-                stop_probs.append(patch.stop_prob)
-                yield w, plan, patch
-            self.reports.append(WindowReport(w.index, w.text, prompt.prefix_speech_latents.shape[0], start,
-                                             sum(s.shape[0] for s in speech) - start, stream.stopped_by,
-                                             plan.max_seconds))
-        m = pipe.model_args
-        self.output = GenerationOutput(
-            speech_latents=stack_frames(speech, m.speech_embedding_dim, "cpu"),
-            motion_norm=stack_frames(motion, m.motion_embedding_dim, "cpu"),
-            prefix_speech_latents=first_prompt.prefix_speech_latents.float(),
-            prefix_motion_norm=first_prompt.prefix_motion_norm.float(),
-            n_patches=len(stop_probs), stopped_by=self.reports[-1].stopped_by,
-            plan=self.output_plan, stop_probs=stop_probs)
+def _plan_window(pipe, req, inputs, window: Window, ref_frames: Optional[int], text_rule: bool) -> None:
+    window.plan = window_plan(pipe, req, inputs, window, ref_frames, text_rule)
+    window.text_ids = text_prompt(pipe.tokenizer, window.text, window.plan.n_placeholders,
+                                  int(pipe.model_args.model_max_length), pipe.patch_size)
 
 
 def cap_warnings(reports: List[WindowReport]) -> List[str]:
@@ -269,20 +216,78 @@ def cap_warnings(reports: List[WindowReport]) -> List[str]:
             f"to stop: its text may be cut short ({r.text[:40]!r}...)" for r in reports if r.stopped_by == "length_cap"]
 
 
-def run(pipe, req, inputs, windows: List[Window], progress=None) -> LongFormRun:
-    """All windows to the end, with a progress bar (pipeline.Progress) per window."""
-    from contextlib import ExitStack
+# ------------------------------------------------------------------------------------------ the loop of a run
 
-    from runtime.pipeline import progress_reporter
+def sampling_of(req) -> Sampling:
+    return Sampling(req.cfm_steps, req.cfm_temperature, req.cfm_cfg)
 
-    lf = LongFormRun(pipe, req, inputs, windows)
-    with ExitStack() as stack:
-        current, update = None, None
-        for w, plan, patch in lf:
-            if w is not current:
-                stack.close()
-                stage = f"{req.mode} window {w.index + 1}/{len(windows)} patches"
-                update = stack.enter_context(progress_reporter(progress, stage, plan.max_steps, "patch"))
-                current = w
-            update(patch.index + 1)
-    return lf
+
+def noise_generator(pipe, req) -> torch.Generator:
+    """The run's noise: seeded with the request's seed (the samples of torch.manual_seed(seed) and the
+    global RNG, without touching the global RNG)."""
+    return torch.Generator(device=pipe.llm.device).manual_seed(int(req.seed))
+
+
+def window_row(pipe, run, window: Window, so_far: Optional[Collector] = None, first=None,
+               generator: Optional[torch.Generator] = None) -> LoopRow:
+    """The loop row of a window: window 1 prompted with the reference clip; window k > 1 with the tail of
+    the output so far (`so_far`, after `first`, window 1's prompt), keeping window 1's identity."""
+    pipe_llm, req, inputs = pipe.llm, run.request, run.inputs
+    given_s = given_m = None
+    if inputs.given_speech is not None:
+        given_s = inputs.given_speech[window.given_start:window.given_end]
+    if inputs.given_motion_raw is not None:
+        given_m = normalize_motion(inputs.given_motion_raw[window.given_start:window.given_end])
+    if window.index == 0:
+        ref_latents, ref_motion = inputs.ref_latents, _normalised(inputs.ref_motion_raw)
+    else:
+        speech = torch.cat([first.prefix_speech_latents.cpu(), so_far.frames("speech")])
+        n_tail = min(tail_frames(req, run.task), speech.shape[0])
+        if n_tail != tail_frames(req, run.task):  # a tail shorter than planned: its own plan and prompt
+            _plan_window(pipe, req, inputs, window, n_tail, True)
+        ref_latents, ref_motion = speech[speech.shape[0] - n_tail:], None
+        if run.task == "t2av":
+            motion = torch.cat([first.prefix_motion_norm.cpu(), so_far.frames("motion")])
+            ref_motion = motion[max(0, motion.shape[0] - max(n_tail, PATCH_SIZE)):]
+    ids, speech_start = window.text_ids
+    prompt = build_prompt(pipe_llm, ids, speech_start, ref_latents, inputs.speaker, window.plan, ref_motion)
+    if window.index > 0:  # identity from the reference clip, not from the tail
+        prompt = replace(prompt, speaker_emb=first.speaker_emb, first_motion_norm=first.first_motion_norm)
+    return LoopRow(prompt, window.plan, sampling_of(req), given_s, given_m, generator)
+
+
+def _normalised(motion_raw):
+    return None if motion_raw is None else normalize_motion(motion_raw)
+
+
+class WindowLoop:
+    """The loop of one run, window after window (a single run: its one window). Iterate for (window, patch)
+    as they are sampled; at the end `output` holds every window's patches as one GenerationOutput (on the
+    CPU; its plan is window 1's), `prompts` each window's prompt and run.reports a WindowReport each."""
+
+    def __init__(self, pipe, run):
+        self.pipe, self.run = pipe, run
+        self.output = None
+        self.prompts: list = []
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[Tuple[Window, Patch]]:
+        pipe, run = self.pipe, self.run
+        generator = noise_generator(pipe, run.request)
+        patches = Collector(pipe.llm, "cpu")
+        first, stopped_by = None, None
+        for w in run.windows:
+            row = window_row(pipe, run, w, patches, first, generator)
+            first = first or row.prompt
+            self.prompts.append(row.prompt)
+            stream = PatchStream(pipe.llm, row.prompt, row.plan, row.sampling, row.given_speech_latents,
+                                 row.given_motion_norm, generator)
+            start = sum(s.shape[0] for s in patches.speech)
+            for patch in stream:
+                patches.add(patch)
+                yield w, patch
+            stopped_by = stream.stopped_by
+            run.reports.append(WindowReport(w.index, w.text, row.prompt.prefix_speech_latents.shape[0], start,
+                                            sum(s.shape[0] for s in patches.speech) - start, stopped_by,
+                                            row.plan.max_seconds))
+        self.output = patches.output(first, stopped_by, run.plan)

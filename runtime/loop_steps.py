@@ -1,23 +1,26 @@
-"""How the loop's per-patch work runs: the backbone step (patch token -> next hidden state) and the CFM
-sampling of one patch.
+"""How the loop's per-patch work runs: the backbone step (patch tokens -> next hidden states) and the CFM
+sampling of one patch per row, for one request or a batch of them (rows).
 
-    eager        a growing KV cache (DynamicCache); every op launched from Python. CPU default.
+    eager        a growing KV cache (DynamicCache); every op launched from Python. CPU default. Rows that
+                 end leave the batch (their cache rows are dropped).
     static       a KV cache preallocated for the whole plan (StaticCache) and fixed-shape input buffers,
                  so every step has the same shapes and tensor addresses; run eagerly. On CPU it is the
-                 test double of cuda_graphs: the same code, minus the capture.
+                 test double of cuda_graphs: the same code, minus the capture. Rows that end stay in the
+                 batch (fixed shapes), their results unread.
     cuda_graphs  static, with each step captured once as a CUDA graph and replayed: one launch per step
                  instead of a few thousand (28 backbone layers, 2 heads x 10 Euler steps x LocDiT). CUDA
                  default.
 
-The three give the same numbers up to float rounding: the static cache attends over its unused slots
-masked out (a longer softmax, summed in another order), a replay runs the kernels the capture recorded,
-and the initial noise is drawn outside the graph by the very call the eager sampler makes, so the
+Several rows: their prefills are left-padded to one length, and every backbone call gets the attention mask
+of the padding and each row's own positions. The three backends give the same numbers up to float rounding:
+the static cache attends over its unused slots masked out (a longer softmax, summed in another order), a
+replay runs the kernels the capture recorded, and the initial noise is drawn outside by the loop, so the
 random stream is the same.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
@@ -36,60 +39,132 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def loop_steps(model, max_tokens: int, backend: Optional[str] = None):
-    """The step runner for one run of the loop: max_tokens = prefill tokens + patch steps."""
+def loop_steps(model, max_tokens: int, backend: Optional[str] = None, batch: int = 1):
+    """The step runner for one run of the loop: max_tokens = prefill tokens + patch steps; batch = rows."""
     backend = resolve_backend(backend or getattr(model, "loop_backend", "auto"), model.device)
     model.prepare_loop_kernels()
     if backend == "eager":
         return EagerSteps(model)
-    return StaticSteps(model, max_tokens, capture=backend == "cuda_graphs")
+    return StaticSteps(model, max_tokens, batch, capture=backend == "cuda_graphs")
+
+
+def left_padded(prefills: List[torch.Tensor]):
+    """(embeds (B, L, D), attention mask (B, L) long) of (1, L_i, D) prefills, padded on the left; mask None
+    for one row."""
+    if len(prefills) == 1:
+        return prefills[0], None
+    length = max(p.shape[1] for p in prefills)
+    embeds = prefills[0].new_zeros((len(prefills), length, prefills[0].shape[-1]))
+    mask = torch.zeros((len(prefills), length), dtype=torch.long, device=prefills[0].device)
+    for b, p in enumerate(prefills):
+        embeds[b, length - p.shape[1]:] = p[0]
+        mask[b, length - p.shape[1]:] = 1
+    return embeds, mask
+
+
+def positions_of(mask: torch.Tensor, n_new: int) -> torch.Tensor:
+    """(B, n_new) position ids of the last n_new slots of a left-padded mask (each row counts its own tokens)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)[:, mask.shape[1] - n_new:]
 
 
 class EagerSteps:
     def __init__(self, model, cache=None):
         self.model = model
         self.cache = cache if cache is not None else DynamicCache(config=model.llm.config)
+        self.mask: Optional[torch.Tensor] = None  # (B, tokens so far) with several rows
 
-    def prefill(self, embeds_bld) -> torch.Tensor:
-        return self.model.backbone(embeds_bld, self.cache)[:, -1]
+    def prefill(self, prefills: List[torch.Tensor]) -> torch.Tensor:
+        """(B, D) last hidden state of each row's prefill."""
+        embeds, self.mask = left_padded(prefills)
+        return self._backbone(embeds)
 
-    def advance(self, speech_pc, motion_pc, motion_pad: bool) -> torch.Tensor:
-        token = self.model.patch_token(speech_pc, motion_pc, motion_pad=motion_pad)
-        return self.model.backbone(token, self.cache)[:, -1]
+    def advance(self, speech_bpc, motion_bpc, motion_pad: bool) -> torch.Tensor:
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        return self._backbone(self.model.patch_token(speech_bpc, motion_bpc, motion_pad=motion_pad))
 
-    def sample(self, cfm, h, cond, global_cond, sampling) -> torch.Tensor:
-        return self.model.sample_patch(cfm, h, cond, global_cond, sampling.cfm_steps, sampling.cfm_temperature,
-                                       sampling.cfm_cfg)
+    def keep(self, rows: List[int]) -> None:
+        """Only these rows (indices into the current ones) go on."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        self.cache.batch_select_indices(index)
+        self.mask = None if self.mask is None else self.mask[index]
+
+    def sample(self, cfm, h, cond, global_cond, noise, sampling) -> torch.Tensor:
+        """(B, P, C) one patch per row; `noise` (B, C, P) already scaled by each row's temperature."""
+        return self.model.sample_patches(cfm, h, cond, global_cond, sampling.cfm_steps, 1.0, sampling.cfm_cfg, noise)
+
+    def _backbone(self, embeds_bld) -> torch.Tensor:
+        if self.mask is None:
+            return self.model.backbone(embeds_bld, self.cache)[:, -1]
+        positions = positions_of(self.mask, embeds_bld.shape[1])
+        return self.model.backbone(embeds_bld, self.cache, self.mask, positions)[:, -1]
 
 
 class StaticSteps(EagerSteps):
     """Fixed-shape steps over a preallocated KV cache; `capture`: as CUDA graphs (one per kind of step).
-    The prefill runs eagerly (it also allocates the cache tensors)."""
+    The prefill runs eagerly (it also allocates the cache tensors). Every backbone step runs all `batch`
+    rows: a row that ended keeps its slot (its last inputs, its results unread)."""
 
-    def __init__(self, model, max_tokens: int, capture: bool):
+    def __init__(self, model, max_tokens: int, batch: int, capture: bool):
         super().__init__(model, StaticCache(config=model.llm.config, max_cache_len=int(max_tokens)))
+        self.max_tokens = int(max_tokens)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.calls: dict = {}
+        self.live = list(range(batch))  # slots of the rows that go on
+        self.inputs: Optional[list] = None  # the last full-batch token inputs (ended rows keep theirs)
 
-    def advance(self, speech_pc, motion_pc, motion_pad: bool) -> torch.Tensor:
+    def prefill(self, prefills: List[torch.Tensor]) -> torch.Tensor:
+        embeds, mask = left_padded(prefills)
+        if mask is not None:  # the mask over the whole cache: the slots not written yet are masked out
+            self.mask = mask.new_zeros((mask.shape[0], self.max_tokens))
+            self.mask[:, :mask.shape[1]] = mask
+            self.length = mask.shape[1]
+            positions = positions_of(mask, embeds.shape[1])
+            return self.model.backbone(embeds, self.cache, self.mask, positions)[:, -1]
+        return self.model.backbone(embeds, self.cache)[:, -1]
+
+    def keep(self, rows: List[int]) -> None:
+        self.live = [self.live[k] for k in rows]
+
+    def advance(self, speech_bpc, motion_bpc, motion_pad: bool) -> torch.Tensor:
         m = self.model
+        inputs = [speech_bpc] if motion_bpc is None else [speech_bpc, motion_bpc]
+        if self.mask is None:  # one row
+            def step(speech, motion=None):
+                return m.backbone(m.patch_token(speech, motion, motion_pad=motion_pad), self.cache)[:, -1]
 
-        def step(speech, motion=None):
-            return m.backbone(m.patch_token(speech, motion, motion_pad=motion_pad), self.cache)[:, -1]
+            key = ("advance", motion_bpc is not None, motion_pad)
+            return self._call(key, step, inputs, checkpoint=self._cache_position_undo)
+        inputs = self._full_batch(inputs)
+        self.mask[:, self.length] = 1
+        self.length += 1
+        positions = self.mask[:, :self.length].sum(-1, keepdim=True) - 1
 
-        inputs = (speech_pc,) if motion_pc is None else (speech_pc, motion_pc)
-        key = ("advance", motion_pc is not None, motion_pad)
-        return self._call(key, step, inputs, checkpoint=self._cache_position_undo)
+        def step(mask, positions, speech, motion=None):
+            token = m.patch_token(speech, motion, motion_pad=motion_pad)
+            return m.backbone(token, self.cache, mask, positions)[:, -1]
 
-    def sample(self, cfm, h, cond, global_cond, sampling) -> torch.Tensor:
+        key = ("advance", motion_bpc is not None, motion_pad, "rows")
+        h = self._call(key, step, [self.mask, positions] + inputs, checkpoint=self._cache_position_undo)
+        return h[self.live]
+
+    def _full_batch(self, inputs: list) -> list:
+        """The live rows' inputs in their slots; the ended rows' slots keep their last inputs."""
+        if self.inputs is None or [x.shape[1:] for x in self.inputs] != [x.shape[1:] for x in inputs]:
+            self.inputs = [x.new_zeros((self.mask.shape[0],) + tuple(x.shape[1:])) for x in inputs]
+        index = torch.tensor(self.live, dtype=torch.long, device=inputs[0].device)
+        for full, x in zip(self.inputs, inputs):
+            full[index] = x
+        return self.inputs
+
+    def sample(self, cfm, h, cond, global_cond, noise, sampling) -> torch.Tensor:
         m, s = self.model, sampling
-        noise = torch.randn((h.shape[0], cfm.in_channels, m.patch_size), device=h.device, dtype=torch.float32)
 
         def draw(h, cond, global_cond, noise):
-            return m.sample_patches(cfm, h, cond, global_cond, s.cfm_steps, s.cfm_temperature, s.cfm_cfg, noise)
+            return m.sample_patches(cfm, h, cond, global_cond, s.cfm_steps, 1.0, s.cfm_cfg, noise)
 
-        key = ("sample", id(cfm), s.cfm_steps, s.cfm_temperature, s.cfm_cfg)
-        return self._call(key, draw, (h.float(), cond, global_cond.float(), noise))[0]
+        key = ("sample", id(cfm), h.shape[0], s.cfm_steps, s.cfm_cfg)
+        return self._call(key, draw, (h.float(), cond, global_cond.float(), noise))
 
     def _cache_position_undo(self) -> Callable[[], None]:
         """Puts every layer's write position back: a capture's warm-up run must not advance the cache."""
@@ -101,8 +176,6 @@ class StaticSteps(EagerSteps):
         if call is None:
             call = self.calls[key] = StaticCall(fn, self.pool, checkpoint)
         return call(inputs)
-
-
 class StaticCall:
     """fn over input buffers that keep their addresses. With a graph pool, the first call warms up once,
     captures a CUDA graph and replays it; later calls copy their inputs in and replay. `checkpoint()`

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -163,3 +164,44 @@ def _t2av_prompt(model, text_part, ref_speech, speaker, plan, motion) -> Prompt:
     motion_history = list(to_patches(motion_q[:n_motion], PS)) if n_motion > 0 else []
     return Prompt("t2av", prefill, speech_history, motion_history, speaker, motion_q[:1], ref_speech[:n_hist],
                   motion[:n_motion])
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+_DEMO_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def demo_tokenizer(model_max_length: int = 1000):
+    """Offline byte-level tokenizer (263 ids) with Qwen3's chat markup and the patch placeholder tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>", SPEECH_TOKEN, MOTION_TOKEN],
+        chat_template=_DEMO_CHAT_TEMPLATE, model_max_length=model_max_length, padding_side="right")
+    return tokenizer
+
+
+def tokenizer_for(checkpoint_dir, llm_name, model_max_length):
+    """The checkpoint folder's tokenizer, else llm_name's (a local folder or the hub cache only)."""
+    folder = Path(checkpoint_dir)
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return load_tokenizer(folder, model_max_length=model_max_length)
+    if llm_name:
+        try:  # nothing is downloaded at run time
+            return load_tokenizer(llm_name, model_max_length=model_max_length)
+        except Exception:  # noqa: BLE001 - reported below with the ways forward
+            pass
+    raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json) in the checkpoint folder and "
+                            f"the tokenizer {llm_name!r} is not available offline")

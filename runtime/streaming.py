@@ -17,7 +17,6 @@ those generate() writes (the mp4 encoded from the same frames) and the fragmente
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -25,13 +24,13 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from media import audio as audio_io
-from runtime import longform
-from media import video_io
-from media.atomic import atomic_outputs
 from common.constants import CODEC_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
 from common.motion_stats import denormalize_motion
-from runtime.pipeline import GenerationResult, _timed, output_paths, progress_reporter, resolve_request, save_latents
+from media import video_io
+from media.atomic import atomic_outputs
+from runtime.longform import WindowLoop
+from runtime.outputs import write_outputs
+from runtime.run import WindowProgress, timed
 from whisperx_vae import DECODER_CONTEXT_FRAMES, StreamingDecoder
 
 
@@ -57,7 +56,8 @@ class Chunk:
 class _Outputs:
     """Where the new audio and frames go: the chunk being built, the fragmented mp4, the final video."""
 
-    def __init__(self, pipe, req, inputs, lookahead, render, final_video, fragments):
+    def __init__(self, pipe, run, lookahead, render, final_video, fragments):
+        req, inputs = run.request, run.inputs
         self.req, self.inputs = req, inputs
         self.decoder = None if req.mode == "a2v" else StreamingDecoder(pipe.vae, lookahead)
         self.skip_samples = 0  # trim_prefix: samples of the replayed prefix not in the output
@@ -73,12 +73,12 @@ class _Outputs:
 
     def speech(self, latents_td) -> None:
         if self.decoder is not None:
-            self._audio(self.decoder.push(latents_td))
+            self.audio(self.decoder.push(latents_td))
 
     def driving_audio(self, n_frames: int) -> None:
         """a2v: the input audio up to frame n_frames."""
         end = min(n_frames * SAMPLES_PER_FRAME, self.inputs.driving_audio_24k.numel())
-        self._audio(self.inputs.driving_audio_24k[self.samples_so_far():end])
+        self.audio(self.inputs.driving_audio_24k[self.samples_so_far():end])
 
     def samples_so_far(self) -> int:
         return self.n_samples + sum(a.numel() for a in self.new_audio)
@@ -86,7 +86,7 @@ class _Outputs:
     def frames_so_far(self) -> int:
         return self.n_frames + sum(len(f) for f in self.new_frames)
 
-    def _audio(self, samples) -> None:
+    def audio(self, samples) -> None:
         if self.skip_samples and self.n_samples == 0:
             drop = min(self.skip_samples, samples.numel())
             self.skip_samples -= drop
@@ -121,24 +121,14 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
     """Chunks every `every` patches, then the GenerationResult (see the module docstring)."""
     if every < 1:
         raise ValueError(f"every must be >= 1 patch, got {every}")
-    req = resolve_request(request, **kwargs)
-    paths = output_paths(req.output, req.mode, req.save_latents) if req.output is not None else None
-    timings = {"load": pipe.load_seconds} if pipe.load_seconds else {}
-    pipe.load_seconds = 0.0
-    with _timed(timings, "inputs"):
-        inputs, plan, windows = pipe._inputs(req, progress)
-        pipe._stage_done("stream_inputs")
-        single = windows is None
-        if single:
-            n_given = _given_frames(inputs)
-            windows = [longform.Window(0, req.text, 0, n_given)]
-    run = longform.LongFormRun(pipe, req, inputs, windows, first_plan=plan if single else None)
-    with atomic_outputs(*(paths.mp4, paths.wav, paths.latents) if paths else (None,)) as temps:
-        tmp_mp4, tmp_wav, tmp_latents = temps if paths else (None, None, None)
+    run = pipe.start(request, progress, release="stream_inputs", **kwargs)
+    req, inputs, paths = run.request, run.inputs, run.paths
+    with atomic_outputs(*(paths.group() if paths else (None,))) as temps:
+        temps = temps if paths else (None, None, None)
         final_video = fragments = None
         try:  # the writers are made inside: an interrupt while they start still cleans up
-            if tmp_mp4 is not None and inputs.source_video is None and render:
-                final_video = video_io.IncrementalVideo(tmp_mp4, FPS)
+            if temps[0] is not None and inputs.source_video is None and render:
+                final_video = video_io.IncrementalVideo(temps[0], FPS)
             if mp4 is not None:
                 size = (inputs.face.shape[1], inputs.face.shape[0]) if inputs.face is not None else (0, 0)
                 if render and inputs.face is not None:
@@ -146,12 +136,11 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
                 fragments = video_io.FragmentedMp4Writer(
                     mp4, size, FPS, CODEC_SAMPLE_RATE,
                     video=render and req.mode != "tts" and inputs.source_video is None)
-            outs = _Outputs(pipe, req, inputs, lookahead, render, final_video, fragments)
-            yield from _run(pipe, req, inputs, run, outs, every, timings, progress)
-            out = run.output
-            result = pipe._finish(req, inputs, run.output_plan, out, [] if single else run.reports, paths,
-                                  timings, False, write=False)
-            yield from _tail(outs, result, len(windows) - 1, out.n_patches)
+            outs = _Outputs(pipe, run, lookahead, render, final_video, fragments)
+            loop = WindowLoop(pipe, run)
+            yield from _chunks(run, loop, outs, every, progress)
+            result = pipe.finish(run, loop.output, False, write=False)
+            yield from _tail(outs, result, len(run.windows) - 1, loop.output.n_patches)
             if fragments is not None:
                 fragments.close()
                 if fragments.reader_closed:
@@ -159,10 +148,10 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
                                            "there; the output is written in full")
                 fragments = None
             if paths is not None:
-                with _timed(timings, "render"):
-                    _write(pipe, result, inputs, tmp_mp4, tmp_wav, tmp_latents, final_video, render, progress)
-                    final_video = None
-                result.video_path, result.wav_path, result.latents_path = paths.mp4, paths.wav, paths.latents
+                with timed(run.timings, "render"):
+                    video, final_video = final_video, None
+                    write_outputs(pipe, result, inputs, temps, video)
+                result.video_path, result.wav_path, result.latents_path = paths.group()
         except BaseException:
             if mp4 not in (None, "-"):  # nothing half-written is left behind
                 if fragments is not None:
@@ -180,32 +169,21 @@ def stream(pipe, request=None, *, every: int = 1, progress=False, lookahead: int
     yield result
 
 
-def _given_frames(inputs) -> int:
-    if inputs.given_speech is not None:
-        return inputs.given_speech.shape[0]
-    return 0 if inputs.given_motion_raw is None else inputs.given_motion_raw.shape[0]
-
-
-def _run(pipe, req, inputs, run, outs, every, timings, progress):
-    """The loop, feeding the decoder and the renderer; a chunk every `every` patches."""
+def _chunks(run, loop, outs, every, progress):
+    """The loop, feeding the decoder and the renderer; a chunk every `every` patches (the time between
+    chunks counts as generation, the consumer's time does not)."""
+    req, inputs = run.request, run.inputs
     n_prefix_motion = 0
     n_speech_limit = inputs.given_motion_raw.shape[0] if req.mode == "v2a" else None
     n_speech = n_patches = 0
-    started = False
-    t_gen = _timed(timings, "generate")
+    bars = WindowProgress(progress, run)
+    t_gen = timed(run.timings, "generate")
     t_gen.__enter__()
-    bars, current = ExitStack(), None
     try:
-        for w, plan, patch in run:
-            if w is not current:
-                bars.close()
-                current = w
-                update = bars.enter_context(progress_reporter(
-                    progress, f"{req.mode} window {w.index + 1}/{len(run.windows)} patches", plan.max_steps, "patch"))
-            update(patch.index + 1)
-            if not started:  # the replayed prefix (t2av/tts) opens the output
-                started = True
-                prompt = run.prompts[0]
+        for w, patch in loop:
+            bars(w, patch)
+            if n_patches == 0:  # the replayed prefix (t2av/tts) opens the output
+                prompt = loop.prompts[0]
                 if req.mode in ("t2av", "tts"):
                     outs.speech(prompt.prefix_speech_latents.float().cpu())
                     n_speech = prompt.prefix_speech_latents.shape[0]
@@ -225,14 +203,14 @@ def _run(pipe, req, inputs, run, outs, every, timings, progress):
                 n_speech += speech.shape[0]
                 outs.speech(speech)
             if patch.motion_norm is not None and req.mode in ("t2av", "a2v"):
-                outs.motion(_motion_rows(req, inputs, denormalize_motion(patch.motion_norm.float().cpu()), outs,
+                outs.motion(_motion_rows(req, denormalize_motion(patch.motion_norm.float().cpu()), outs,
                                          n_speech, n_prefix_motion))
             if n_patches % every == 0:
                 t_gen.__exit__(None, None, None)
                 c = outs.chunk(w.index, n_patches)
                 if c is not None:
                     yield c
-                t_gen = _timed(timings, "generate")
+                t_gen = timed(run.timings, "generate")
                 t_gen.__enter__()
     finally:
         bars.close()
@@ -241,7 +219,7 @@ def _run(pipe, req, inputs, run, outs, every, timings, progress):
         outs.motion(inputs.given_motion_raw)
 
 
-def _motion_rows(req, inputs, motion_raw, outs, n_speech, n_prefix):
+def _motion_rows(req, motion_raw, outs, n_speech, n_prefix):
     """Rows of a motion patch that the output keeps: never beyond the speech (the output's length)."""
     rendered = outs.frames_so_far()
     offset = n_prefix if req.trim_prefix else 0
@@ -252,31 +230,12 @@ def _motion_rows(req, inputs, motion_raw, outs, n_speech, n_prefix):
 def _tail(outs, result, window, n_patches):
     """The rest: the decoder's last look-ahead frames, and the frames held past the motion's end."""
     if outs.decoder is not None:
-        outs._audio(outs.decoder.finish())
+        outs.audio(outs.decoder.finish())
     elif result.mode == "a2v":
-        outs._audio(result.audio_24k[outs.samples_so_far():])
+        outs.audio(result.audio_24k[outs.samples_so_far():])
     if outs.renderer is not None and result.motion_raw is not None:
         rendered = outs.frames_so_far()
         outs.motion(result.motion_raw[rendered:])
     c = outs.chunk(window, n_patches)
     if c is not None:
         yield c
-
-
-def _write(pipe, result: GenerationResult, inputs, tmp_mp4, tmp_wav, tmp_latents, final_video, render, progress):
-    """The files generate() writes; the mp4 from the frames already encoded while streaming."""
-    audio_io.save_wav(tmp_wav, result.audio_24k, CODEC_SAMPLE_RATE, atomic=False)
-    if tmp_latents is not None:
-        save_latents(result, tmp_latents)
-    if tmp_mp4 is None:
-        return
-    if inputs.source_video is not None:
-        video_io.mux_audio(inputs.source_video, tmp_wav, tmp_mp4, atomic=False)
-    elif final_video is not None:
-        final_video.close(tmp_wav)
-    else:  # render=False: the frames are rendered now, as generate() does
-        from lia_x import render as liax_render
-
-        frames = liax_render.render_frames(pipe.generator, inputs.face, result.motion_raw.numpy(),
-                                           batch_size=pipe.render_batch_size, dtype=pipe.render_dtype)
-        video_io.write_video(tmp_mp4, frames, fps=FPS, audio_path=tmp_wav, atomic=False)

@@ -131,7 +131,7 @@ def _existing(path, component: str, from_env: bool) -> str:
     return str(p)
 
 
-def _cached(repo_id: str, filename: str) -> Optional[str]:
+def hub_cached(repo_id: str, filename: str) -> Optional[str]:
     """Path of a file in the local hub cache, or None (never touches the network)."""
     try:
         import huggingface_hub as hub
@@ -173,19 +173,19 @@ def locate(checkpoint_dir=None, whisperx_vae=None, liax=None, wavlm=None, wavlm_
 
     if use_cache:
         if not paths.checkpoint_dir:
-            found = _cached(TALKER_REPO, f"{TALKER_SUBDIR}/model.safetensors")
+            found = hub_cached(TALKER_REPO, f"{TALKER_SUBDIR}/model.safetensors")
             if found:
                 paths.checkpoint_dir, paths.sources["checkpoint_dir"] = os.path.dirname(found), "cache"
         if not paths.whisperx_vae:
-            found = _cached(TALKER_REPO, VAE_FILE)
+            found = hub_cached(TALKER_REPO, VAE_FILE)
             if found:
                 paths.whisperx_vae, paths.sources["whisperx_vae"] = found, "cache"
         if not paths.liax:
-            found = _cached(LIAX_REPO, LIAX_FILE)
+            found = hub_cached(LIAX_REPO, LIAX_FILE)
             if found:
                 paths.liax, paths.sources["liax"] = found, "cache"
         if not paths.wavlm:
-            found = _cached(wavlm_repo, wavlm_filename)
+            found = hub_cached(wavlm_repo, wavlm_filename)
             if found:
                 if (wavlm_repo, wavlm_filename) == (WAVLM_REPO, WAVLM_FILE):
                     check_size(found, WAVLM_SIZE, "the WavLM speaker checkpoint")

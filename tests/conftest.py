@@ -86,7 +86,7 @@ def no_env(monkeypatch):
 
     for var in weights.ENV_VARS.values():
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)  # an empty hub cache
+    monkeypatch.setattr(weights, "hub_cached", lambda repo_id, filename: None)  # an empty hub cache
 
 
 @pytest.fixture(scope="module")

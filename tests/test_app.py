@@ -25,7 +25,7 @@ import soundfile as sf
 
 import infer
 from media import video_io
-from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
+from runtime.inputs import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_reference_audio
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots (git-ignored)
@@ -290,7 +290,7 @@ def test_bad_upload_shows_the_cli_error_and_the_next_request_works(app, server, 
     fake = tmp_path / "voice.wav"
     fake.write_text("a text file named like audio\n")
     with pytest.raises(ValueError) as err:
-        load_audio_checked(fake, "reference audio")
+        load_reference_audio(fake)
     expected = infer.message_of(err.value).replace(str(fake), fake.name)  # what infer.py prints after "error: "
     tab.upload("ref_audio", fake)
     tab.generate()

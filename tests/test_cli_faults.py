@@ -72,7 +72,7 @@ def test_bad_device_is_one_line(tmp_path, no_models, capsys, device, needle):
 
 
 def test_library_takes_text_or_a_mapping_and_names_bad_arguments(demo_pipe):
-    from runtime.pipeline import resolve_request
+    from runtime.inputs import resolve_request
 
     assert resolve_request("Hello.").text == "Hello."
     assert resolve_request({"text": "Hi.", "mode": "tts"}).mode == "tts"
@@ -89,7 +89,7 @@ def test_library_takes_text_or_a_mapping_and_names_bad_arguments(demo_pipe):
 
 def test_long_reference_audio_is_read_only_as_far_as_it_is_used(tmp_path, monkeypatch):
     from media import audio
-    from runtime import pipeline
+    from runtime import inputs
     from bad_inputs import tone
 
     tone(tmp_path / "long.wav", 95)
@@ -97,7 +97,7 @@ def test_long_reference_audio_is_read_only_as_far_as_it_is_used(tmp_path, monkey
     real = audio.load_audio
     monkeypatch.setattr(audio, "load_audio", lambda path, max_seconds=None: reads.append(max_seconds) or
                         real(path, max_seconds))
-    ref, warnings = pipeline.load_reference_audio(tmp_path / "long.wav")
+    ref, warnings = inputs.load_reference_audio(tmp_path / "long.wav")
     assert reads == [31] and "95.0 s long" in warnings[0]
 
 

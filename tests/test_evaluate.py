@@ -289,7 +289,7 @@ def test_checkpoint_lookup_order_flag_env_cache(tmp_path, monkeypatch):
         mw.locate(["syncnet"], {}, env={"SYNCNET_CKPT": str(tmp_path / "nope")})
 
     from runtime import weights
-    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)
+    monkeypatch.setattr(weights, "hub_cached", lambda repo_id, filename: None)
     found = mw.locate(["wavlm"], {}, env={"WAVLM_CKPT": str(files["env.model"])})
     assert (found.paths["wavlm"], found.sources["wavlm"]) == (str(files["env.model"]), "env")
     assert mw.locate(["wavlm"], {}, env={}).missing(["wavlm"]) == ["wavlm"]

@@ -276,7 +276,7 @@ def test_missing_weights_is_one_clear_message(tmp_path):
 def test_dtype_bfloat16_on_cpu_is_accepted(tmp_path, capsys, monkeypatch):
     """bf16 on CPU is opt-in since the speed issue (backbone and heads in bf16): without weights the run fails
     for the weights, not for the dtype."""
-    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: None)
+    monkeypatch.setattr(weights, "hub_cached", lambda repo_id, filename: None)
     rc = infer.main(["--dtype", "bfloat16", "--device", "cpu", "--output", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err
     assert rc == 1 and "weights not found" in err and "--dtype" not in err

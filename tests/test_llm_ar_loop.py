@@ -135,7 +135,7 @@ def test_ar_loop_teacher_forced(fixture, case):
 
     # stop head on the recorded states
     n_checks = tr["stop_logits"].shape[0]
-    logits = torch.tensor([model.stop_logit(mus[k:k + 1]) for k in range(7, 7 + n_checks)])
+    logits = model.stop_logits(mus[7:7 + n_checks])
     errs["stop_logits"] = max_rel_err(logits, tr["stop_logits"])
     assert (logits >= 0).tolist() == (tr["stop_logits"] >= 0).tolist()
 
@@ -155,8 +155,8 @@ def test_stream_stops_where_the_reference_did(fixture, case):
     logits = list(tr["stop_logits"].tolist())
     speech = list(tensors[f"{case}.outputs.speech_latents"].split(PS))
     motion = list(tensors[f"{case}.outputs.motion_latents_norm"].split(PS))
-    model.stop_logit = lambda h: logits.pop(0)
-    model.sample_patch = lambda cfm, *a, **k: (speech if cfm is model.speech_cfm else motion).pop(0)
+    model.stop_logits = lambda h: torch.tensor([logits.pop(0)])
+    model.sample_patches = lambda cfm, *a, **k: (speech if cfm is model.speech_cfm else motion).pop(0)[None]
     torch.manual_seed(c["seed"])
     out = run_generate(model, tensors, case, c)
     assert out.n_patches == c["patches_generated"]

@@ -8,7 +8,7 @@ from runtime import longform
 from common.constants import MAX_SECONDS, SAMPLES_PER_FRAME
 from runtime.generation import plan_lengths
 from common.motion_stats import normalize_motion
-from runtime.pipeline import DEFAULT_REF_AUDIO, preflight, resolve_request
+from runtime.inputs import DEFAULT_REF_AUDIO, preflight, resolve_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,10 +72,14 @@ def test_text_length_rule():
 
 def test_ten_sentences_windows_seams_and_prefixes(pipe):
     req = resolve_request(mode="t2av", text=TEN_SENTENCES, seed=5)
-    inputs, plan, windows = pipe._inputs(req, False)
-    assert [w.text for w in windows] == longform.split_windows(TEN_SENTENCES)
-    lf = longform.run(pipe, req, inputs, windows)
+    run = pipe.start(req, False)
+    windows = run.windows
+    assert run.long_form and [w.text for w in windows] == longform.split_windows(TEN_SENTENCES)
+    lf = longform.WindowLoop(pipe, run)
+    order = [w.index for w, _ in lf]  # (window, patch) as sampled: window after window
+    assert order == sorted(order) and set(order) == set(range(len(windows)))
     out = lf.output
+    lf.reports = run.reports
     speech = torch.cat([lf.prompts[0].prefix_speech_latents.cpu(), out.speech_latents])
     motion = torch.cat([lf.prompts[0].prefix_motion_norm.cpu(), out.motion_norm])
     n_prefix = lf.prompts[0].prefix_speech_latents.shape[0]
@@ -147,7 +151,8 @@ def test_a2v_over_30_s_runs_in_windows_and_the_limit_holds_per_window(pipe, tmp_
     with pytest.raises(ValueError, match="at most 30 s"):
         preflight(mode="a2v", audio=audio, long_form=False)
     req = preflight(mode="a2v", audio=audio, seed=1)
-    inputs, plan, windows = pipe._inputs(req, False)
+    run = pipe.start(req, False)
+    inputs, windows = run.inputs, run.windows
     n_given = inputs.given_speech.shape[0]
     assert n_given > 750 and len(windows) == 2
     assert windows[0].given_end - windows[0].given_start == longform.GIVEN_WINDOW_FRAMES

@@ -43,8 +43,8 @@ def test_every_step_reuses_the_same_buffers(pipe, monkeypatch):
     from runtime import generation
     runners = []
 
-    def keep(model, max_tokens, backend=None):
-        runners.append(loop_steps.StaticSteps(model, max_tokens, capture=False))
+    def keep(model, max_tokens, backend=None, batch=1):
+        runners.append(loop_steps.StaticSteps(model, max_tokens, batch, capture=False))
         return runners[-1]
 
     monkeypatch.setattr(generation, "loop_steps", keep)
@@ -62,9 +62,9 @@ def test_capture_warmup_does_not_advance_the_cache(pipe):
     """A capture runs its step once before recording; undoing its cache writes must leave the next run
     writing the same slot, with the same result."""
     m = pipe.llm
-    steps = loop_steps.StaticSteps(m, max_tokens=16, capture=False)
-    h0 = steps.prefill(torch.randn(1, 5, m.config.hidden_size))
-    speech, motion = torch.randn(m.patch_size, 32), torch.randn(m.patch_size, 40)
+    steps = loop_steps.StaticSteps(m, max_tokens=16, batch=1, capture=False)
+    h0 = steps.prefill([torch.randn(1, 5, m.config.hidden_size)])
+    speech, motion = torch.randn(1, m.patch_size, 32), torch.randn(1, m.patch_size, 40)
     undo = steps._cache_position_undo()
     first = steps.advance(speech, motion, motion_pad=False)
     assert int(steps.cache.layers[0].cumulative_length) == 6

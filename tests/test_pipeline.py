@@ -1,4 +1,5 @@
 """TalkerPipeline on the tiny random demo models: every mode, seeding, outputs, atomic writes, bad inputs."""
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from conftest import REFERENCE_SAMPLES, shared
 from media import video_io
 from common.constants import SAMPLES_PER_FRAME
 from common.motion_stats import MOTION_MEAN, MOTION_STD, denormalize_motion, normalize_motion
-from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, TalkerPipeline, demo_tokenizer
+from runtime.inputs import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO
+from runtime.pipeline import TalkerPipeline
+from runtime.prompt import demo_tokenizer
 from runtime.request import GenerationRequest, RequestError
 
 FRAME_S = 1 / 25
@@ -213,11 +216,7 @@ def test_bad_inputs_raise_one_line_naming_the_file(pipe, tmp_path):
 
 def test_length_cap_max_seconds_and_warning():
     never_stops = TalkerPipeline.demo()
-    with torch.no_grad():  # p_stop = sigmoid(-64 * silu(1)) ~ 0
-        head = never_stops.llm.head_stop
-        head.proj.weight.zero_()
-        head.proj.bias.fill_(1.0)
-        head.head.weight.fill_(-1.0)
+    never_stops.llm.head_stop.never_stop_()  # p_stop = sigmoid(-64 * silu(1)) ~ 0
     r = _gen(never_stops, mode="t2av")
     # the released cap: patches of the reference clip (voice 121 frames -> 31 patches) - prefix (3) + 15
     assert (r.stopped_by, r.n_patches) == ("length_cap", 31 - 3 + 15)
@@ -245,28 +244,38 @@ def _close(got, want, name):
     assert np.allclose(got["samples"], want["samples"], rtol=1e-5, atol=1e-6), name
 
 
-def test_same_outputs_as_before_the_redesign():
-    """The demo pipeline's outputs for fixed requests equal those of the code before the generation core
-    was redesigned (tests/data/demo_outputs.json, computed with commit 58b56a0)."""
-    import json
-    golden = json.loads((Path(__file__).parent / "data" / "demo_outputs.json").read_text())
-    pipe = TalkerPipeline.demo()
-    for name, case in golden["cases"].items():
-        if case.get("never_stop"):
-            with torch.no_grad():
-                head = pipe.llm.head_stop
-                head.proj.weight.zero_()
-                head.proj.bias.fill_(1.0)
-                head.head.weight.fill_(-1.0)
-        r = _gen(pipe, **case["request"])
-        want = golden["results"][name]
-        assert (r.n_patches, r.stopped_by, r.prefix_frames) == (
-            want["n_patches"], want["stopped_by"], want["prefix_frames"]), name
-        _close(_stats(r.audio_24k), want["audio"], name + ".audio")
-        _close(_stats(r.speech_latents), want["latents"], name + ".latents")
-        assert (r.motion_raw is None) == (want["motion"] is None), name
-        if r.motion_raw is not None:
-            _close(_stats(r.motion_raw), want["motion"], name + ".motion")
+GOLDEN = json.loads((Path(__file__).parent / "data" / "demo_outputs.json").read_text())
+
+
+def _drive(pipe, drive: str, requests: list) -> list:
+    if drive == "generate":
+        return [_gen(pipe, **r) for r in requests]
+    if drive == "stream":
+        return [list(pipe.stream(**r))[-1] for r in requests]
+    return pipe.generate_batch([dict(r) for r in requests], batch_size=4)
+
+
+@pytest.mark.parametrize("drive", ["generate", "stream", "batch"])
+def test_same_outputs_as_before_the_redesign(drive):
+    """The demo pipeline's outputs for fixed requests (every mode, trimmed, length caps, long-form) equal those
+    of the code before the redesigns (tests/data/demo_outputs.json says which commits), however the run is
+    driven: generate(), stream() drained, or generate_batch() (rows of batches of 4)."""
+    for never_stop in (False, True):
+        pipe = TalkerPipeline.demo()
+        if never_stop:
+            pipe.llm.head_stop.never_stop_()
+        names = [n for n, case in GOLDEN["cases"].items() if bool(case.get("never_stop")) == never_stop]
+        results = _drive(pipe, drive, [GOLDEN["cases"][n]["request"] for n in names])
+        for name, r in zip(names, results):
+            want = GOLDEN["results"][name]
+            assert (r.n_patches, r.stopped_by, r.prefix_frames) == (
+                want["n_patches"], want["stopped_by"], want["prefix_frames"]), (drive, name)
+            assert len(r.windows) == want.get("windows", 0), (drive, name)
+            _close(_stats(r.audio_24k), want["audio"], name + ".audio")
+            _close(_stats(r.speech_latents), want["latents"], name + ".latents")
+            assert (r.motion_raw is None) == (want["motion"] is None), name
+            if r.motion_raw is not None:
+                _close(_stats(r.motion_raw), want["motion"], name + ".motion")
 
 
 def test_request_object_and_keywords_are_the_same_request(pipe):
@@ -370,7 +379,7 @@ def test_non_square_face_warns_or_is_cropped(pipe, tmp_path, monkeypatch):
 
 
 def test_unwritable_output_is_found_before_anything_runs(pipe, tmp_path, monkeypatch):
-    from runtime.pipeline import preflight
+    from runtime.inputs import preflight
     (tmp_path / "file").write_text("x")
     with pytest.raises(RequestError, match=r"^output: .*file is a file, not a folder"):
         preflight(output=tmp_path / "file" / "out.mp4")

@@ -13,7 +13,8 @@ import torch
 
 import infer
 from runtime import precision
-from runtime.pipeline import GenerationResult, TalkerPipeline
+from runtime.outputs import GenerationResult
+from runtime.pipeline import TalkerPipeline
 
 CUDA = torch.device("cuda")  # a device object only: get_device_capability is mocked where it is asked
 
@@ -199,8 +200,7 @@ def test_bf16_loop_over_a_clip_stays_within_its_bound(one_thread):
     loop's fixture: tests/test_speed.py (BF16_BOUNDS)."""
     pipes = TalkerPipeline.demo(), TalkerPipeline.demo(dtype="bfloat16")
     for pipe in pipes:
-        stop = pipe.llm.head_stop
-        stop.proj.weight.zero_(), stop.proj.bias.fill_(1.0), stop.head.weight.fill_(-1.0)
+        pipe.llm.head_stop.never_stop_()
     f32, bf16 = (pipe.generate(mode="t2av", seed=0, progress=False, max_seconds=4.0) for pipe in pipes)
     assert pipes[1].llm.backbone_dtype == torch.bfloat16 and bf16.n_patches == f32.n_patches >= 20
 

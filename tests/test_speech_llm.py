@@ -6,7 +6,7 @@ import torch
 from conftest import FIXTURES, load_fixture, max_rel_err, shared, synth
 from safetensors.torch import load_file, save_file
 
-from runtime.generation import generate, plan_lengths
+from runtime.generation import Sampling, generate, plan_lengths
 from runtime.prompt import build_chat_and_spans, build_prompt
 from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args, tiny_model_args_and_config
 
@@ -149,13 +149,14 @@ def replay_noise(model, speech_noise=None, motion_noise=None):
     """Make the CFM heads use recorded noise draws in order (instead of the RNG)."""
     queues = {id(model.speech_cfm): list(speech_noise) if speech_noise is not None else None,
               id(model.motion_cfm): list(motion_noise) if motion_noise is not None else None}
-    original = model.sample_patch
+    original = model.sample_patches
 
-    def sample_patch(cfm, h, cond, gc, *args, noise=None):
+    def sample_patches(cfm, h, cond, gc, steps, temperature, cfg, noise=None):
         queue = queues[id(cfm)]
         assert queue is not None, "this head must not be sampled"
-        return original(cfm, h, cond, gc, *args, noise=queue.pop(0)[None])
-    model.sample_patch = sample_patch
+        # the loop hands over its draw already scaled by the row's temperature (the default one here)
+        return original(cfm, h, cond, gc, steps, temperature, cfg, noise=queue.pop(0)[None] * Sampling().cfm_temperature)
+    model.sample_patches = sample_patches
 
 
 def generate_case(model, tensors, case, c, **kw):

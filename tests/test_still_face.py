@@ -9,7 +9,7 @@ import torch
 import infer
 from media import video_io
 from common.constants import SAMPLES_PER_FRAME
-from runtime.pipeline import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_audio_checked
+from runtime.inputs import DEFAULT_REF_AUDIO, DEFAULT_REF_VIDEO, load_reference_audio
 
 FRAME_S = 1 / 25
 
@@ -37,7 +37,7 @@ def test_still_image_is_the_face_held_still_for_the_voice(demo_pipe, still_faces
     assert r.audio_24k.numel() == r.motion_raw.shape[0] * SAMPLES_PER_FRAME
 
     # the same run as the image's motion given as a reference clip of the voice's length
-    voice_frames = demo_pipe.encode_audio(load_audio_checked(DEFAULT_REF_AUDIO, "voice"))[0].shape[0]
+    voice_frames = demo_pipe.encode_audio(load_reference_audio(DEFAULT_REF_AUDIO)[0])[0].shape[0]
     frame_motion = demo_pipe.extract_motion(video_io.read_frames(face)[0], progress=False)
     torch.save(frame_motion.expand(voice_frames, -1).clone(), tmp_path / "held.pt")
     held = demo_pipe.generate(mode="t2av", text="Hello there.", ref_video=face, ref_motion=str(tmp_path / "held.pt"),

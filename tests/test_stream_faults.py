@@ -54,7 +54,7 @@ def test_stream_interrupted_before_the_first_frame(demo_pipe, tmp_path, monkeypa
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(streaming, "_Outputs" if where == "writers" else "_run", fail)
+    monkeypatch.setattr(streaming, "_Outputs" if where == "writers" else "_chunks", fail)
     box = _returns_in_time(lambda: list(demo_pipe.stream(text="Hello.", output=str(tmp_path / "o.mp4"),
                                                          mp4=str(tmp_path / "o.partial.mp4"))))
     assert type(box.get("error")) is type(error)

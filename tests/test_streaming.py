@@ -105,7 +105,7 @@ def test_stream_equals_generate(pipe, kw):
 
 
 def _face(pipe):
-    from runtime.pipeline import DEFAULT_REF_VIDEO
+    from runtime.inputs import DEFAULT_REF_VIDEO
 
     return video_io.read_first_frame(DEFAULT_REF_VIDEO)
 

@@ -33,7 +33,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def tiny_model_and_tokenizer(encoders: bool = True):
-    from runtime.pipeline import demo_tokenizer
+    from runtime.prompt import demo_tokenizer
     from speech_llm import SpeechLLM, tiny_model_args_and_config
 
     args, config = tiny_model_args_and_config()

@@ -335,7 +335,7 @@ def test_text_that_is_not_utf8_is_a_skipped_sample(clips, tmp_path):
     """Undecodable bytes or a lone surrogate in a transcript (JSONL, CSV, a sidecar .json): that sample is
     skipped with its reason (counted against max_failed_fraction), the others load; a path with undecodable
     bytes still names its file."""
-    from runtime.pipeline import demo_tokenizer
+    from runtime.prompt import demo_tokenizer
     from speech_llm import tiny_model_args_and_config
 
     root, paths = clips

@@ -297,13 +297,13 @@ def test_read_frames_grows_past_a_wrong_duration(tmp_path, monkeypatch):
     path = tmp_path / "v.mp4"
     video_io.write_video(path, _frames(30), fps=FPS)
     expected, _ = video_io.read_frames(path)
-    real = video_io._media_info
+    real = video_io.media_info
 
     def no_duration(p):
         info = real(p)
         info["duration"] = None  # header says nothing: initial capacity is 8 frames
         return info
 
-    monkeypatch.setattr(video_io, "_media_info", no_duration)
+    monkeypatch.setattr(video_io, "media_info", no_duration)
     back, _ = video_io.read_frames(path)
     assert back.shape == (30, 48, 64, 3) and np.array_equal(back, expected)

@@ -53,7 +53,7 @@ def test_missing_weights_message_lists_the_ways_forward(no_env):
 def test_cached_wavlm_with_the_wrong_size_is_refused(tmp_path, no_env, monkeypatch):
     bad = tmp_path / "wavlm_large_finetune.pth"
     bad.write_bytes(b"x" * 10)
-    monkeypatch.setattr(weights, "_cached", lambda repo_id, filename: str(bad) if "wavlm" in filename else None)
+    monkeypatch.setattr(weights, "hub_cached", lambda repo_id, filename: str(bad) if "wavlm" in filename else None)
     with pytest.raises(ValueError, match="1,301,926,579"):
         weights.locate()
 
@@ -149,22 +149,22 @@ def test_low_memory_drops_each_model_when_its_stage_is_done_and_changes_nothing(
     lean = _from_release(release_dir, low_memory=True)
     assert lean._llm is None and lean._vae is not None  # the SpeechLLM is checked now, loaded for the loop
     loads, resident = [], {}
-    real_load, real_run, real_render = lean._load, lean._run, liax_render.render_frames
+    real_load, real_loop, real_render = lean._load, lean.loop, liax_render.render_frames
     lean._load = lambda name: loads.append(name) or real_load(name)
 
     def snapshot(stage):
         resident[stage] = sorted(n for n in ("llm", "vae", "speaker_encoder", "generator")
                                  if getattr(lean, "_" + n) is not None)
 
-    def run(*args):
+    def loop(*args):
         snapshot("loop")
-        return real_run(*args)
+        return real_loop(*args)
 
     def render(*args, **kwargs):
         if lean._generator is args[0]:
             snapshot("render")
         return real_render(*args, **kwargs)
-    lean._run = run
+    lean.loop = loop
     monkeypatch.setattr(liax_render, "render_frames", render)
     a = kept.generate(mode="t2av", seed=3, progress=False, output=str(tmp_path / "kept.mp4"))
     b = lean.generate(mode="t2av", seed=3, progress=False, output=str(tmp_path / "lean.mp4"))

@@ -285,7 +285,8 @@ def _build_full_size(device, render_dtype):
     import speaker_verification
     import whisperx_vae
     from lia_x import RELEASE_CONFIG, Generator
-    from runtime.pipeline import TalkerPipeline, demo_tokenizer
+    from runtime.pipeline import TalkerPipeline
+    from runtime.prompt import demo_tokenizer
     from speech_llm import SpeechLLM, qwen3_0_6b_config, released_model_args
 
     def build(where):
@@ -315,7 +316,7 @@ def _build_full_size(device, render_dtype):
 
 
 def _instrument(device, stats: dict):
-    """Wrap pipeline._timed (per-stage GPU peak, synchronised timings) and lia_x.render.render_frames (pure
+    """Wrap pipeline.timed (per-stage GPU peak, synchronised timings) and lia_x.render.render_frames (pure
     render time per batch, without the ffmpeg encode). Returns an undo function."""
     import contextlib
 
@@ -323,7 +324,7 @@ def _instrument(device, stats: dict):
     from runtime import pipeline
     from lia_x import render as liax_render
 
-    orig_timed, orig_render = pipeline._timed, liax_render.render_frames
+    orig_timed, orig_render = pipeline.timed, liax_render.render_frames
     cuda = device.type == "cuda"
 
     @contextlib.contextmanager
@@ -354,10 +355,10 @@ def _instrument(device, stats: dict):
             stats["render_batch"] = max(stats.get("render_batch", 0), int(batch.shape[0]))
             yield batch
 
-    pipeline._timed, liax_render.render_frames = timed, render_frames
+    pipeline.timed, liax_render.render_frames = timed, render_frames
 
     def undo():
-        pipeline._timed, liax_render.render_frames = orig_timed, orig_render
+        pipeline.timed, liax_render.render_frames = orig_timed, orig_render
     return undo
 
 
@@ -371,7 +372,6 @@ def cmd_t2av(args) -> int:
     render bf16: a short warm-up request (graph capture, cuDNN autotuning), the timed request written to
     `--video`, then the same request on the eager loop without rendering (captured vs eager)."""
     import torch
-    import bench
     from runtime.pipeline import TalkerPipeline
     from runtime.request import GenerationRequest
 
@@ -399,7 +399,7 @@ def cmd_t2av(args) -> int:
     fig["head_dtype"] = str(pipe.llm.head_dtype).replace("torch.", "")
     if device.type == "cuda":
         fig["weights_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
-    bench._never_stop(pipe.llm)  # exactly --seconds of speech: the random stop head would end at random
+    pipe.llm.head_stop.never_stop_()  # exactly --seconds of speech: the random stop head would end at random
     save()
     _say(f"built in {fig['build_s']} s on {fig['built_on']}: {fig['params_m']} M params")
 

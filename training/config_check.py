@@ -104,8 +104,7 @@ def config_fields() -> Dict[str, Any]:
 
     from speech_llm import ModelArguments
     from training.dataset import DataArguments
-    from training.modeling import TalkerArguments
-    from training.train import TrainingArguments
+    from training.modeling import TalkerArguments, TrainingArguments
 
     known: Dict[str, Any] = {}
     for cls in (ModelArguments, DataArguments, TalkerArguments, TrainingArguments):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 import torch
+import transformers
 
 
 from common.safe_load import key_report
@@ -79,7 +80,7 @@ def build_model(model_args: ModelArguments, talker: TalkerArguments, log=print):
         log(f"[model] fine-tuning {talker.init_from} (strict load, {n_params(model)} parameters)")
         return model.float(), add_placeholder_tokens(tokenizer), model_args
     if talker.model_preset == "tiny":
-        from runtime.pipeline import demo_tokenizer
+        from runtime.prompt import demo_tokenizer
         _, config = tiny_model_args_and_config()
         model = SpeechLLM(model_args, config)
         log(f"[model] tiny preset, random init ({n_params(model)} parameters)")
@@ -108,7 +109,7 @@ def build_model(model_args: ModelArguments, talker: TalkerArguments, log=print):
 
 
 def folder_tokenizer(folder, model_args):
-    from runtime.pipeline import tokenizer_for
+    from runtime.prompt import tokenizer_for
     return tokenizer_for(folder, model_args.llm_model_name_or_path, model_args.model_max_length)
 
 
@@ -133,6 +134,13 @@ def n_params(model, trainable: bool = False) -> str:
 
 
 # ------------------------------------------------------------------------------------------ warm start
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers.TrainingArguments with the reference's two changed defaults."""
+    optim: str = field(default="adamw_torch_fused")
+    ddp_find_unused_parameters: bool = field(default=False)
+
 
 @dataclass
 class WarmStartReport:
@@ -305,7 +313,7 @@ def check_release_folder(folder: str) -> str:
         model = SpeechLLM(model_args, llm_config)
     with safe_open(os.path.join(folder, WEIGHTS_NAME), framework="pt") as f:
         found = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    report = key_report(model._checkpoint_shapes(), found, ignore=TIED_KEYS)
+    report = key_report(model.checkpoint_shapes(), found, ignore=TIED_KEYS)
     return "" if report.ok() else report.message("SpeechLLM")
 
 

@@ -27,7 +27,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 if not __package__:  # launched by path (python training/train.py, torchrun): the repository root is importable
@@ -44,21 +43,14 @@ from speech_llm import ENCODER_PREFIXES, TIED_KEYS, WEIGHTS_NAME, ModelArguments
 from training.config_check import ALIASES, check_config  # noqa: E402
 from training.dataset import (Collator, DataArguments, DataError, FailureMonitor, FeatureCache,  # noqa: E402
                               TalkerDataset, build_rows)
-from training.modeling import (ConfigError, TalkerArguments, apply_lora, attach_encoders, build_model,  # noqa: E402
-                               check_release_folder, lora_scale, merge_lora_state_dict, n_params,
-                               trainable_digest, warm_start_from_tts, write_json)
+from training.modeling import (ConfigError, TalkerArguments, TrainingArguments, apply_lora,  # noqa: E402
+                               attach_encoders, build_model, check_release_folder, lora_scale,
+                               merge_lora_state_dict, n_params, trainable_digest, warm_start_from_tts, write_json)
 
 PROG = "train.py"
 STAGING = ".staging"  # checkpoints are written here and renamed into output_dir when complete
 CONFIG_COPY = "talker_train_config.json"
 LEGACY_ALIASES = ALIASES  # warmup_ratio: transformers 5 takes a ratio in warmup_steps; the others are deprecated
-
-
-@dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    """transformers.TrainingArguments with the reference's two changed defaults."""
-    optim: str = field(default="adamw_torch_fused")
-    ddp_find_unused_parameters: bool = field(default=False)
 
 
 class NonFiniteLossError(RuntimeError):
