@@ -565,9 +565,15 @@ def cmd_bench(args) -> int:
     if failed:
         fig["reason"] = "; ".join(f"stage {r['stage']} FAILED: {r.get('note', '')}" for r in failed)
     for r in fig.get("rows", []):
-        _say(f"{r.get('stage')} | {r.get('what')} | {r.get('value')} | {r.get('note', '')} | {r.get('memory', '')}")
+        _say(" | ".join(_bench_cells(r)))
     _write_json(args.json, fig)
     return 0 if proc.returncode == 0 and fig.get("rows") and not failed else 1
+
+
+def _bench_cells(row: dict) -> tuple:
+    """(stage, what, value with its unit, note, memory) of a bench.py --json row, as its table prints them."""
+    from bench import Row
+    return Row(**row).cells()
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -594,9 +600,8 @@ def _key_figures(step: str, fig: dict) -> dict:
         out["captured_speedup"] = c.get("speedup_captured_over_eager")
         out["captured_vs_eager_rel_err"] = {k: c[k] for k in ("speech_latents_rel_err", "motion_rel_err") if k in c}
     if base == "bench":
-        out["rows"] = [f"{r.get('stage')}: {r.get('what')} = {r.get('value')}"
-                       + (f" ({r['memory']})" if r.get("memory") and r.get("memory") != "see value" else "")
-                       for r in fig.get("rows", [])]
+        out["rows"] = [f"{stage}: {what} = {value}" + (f" ({memory})" if memory else "")
+                       for stage, what, value, _, memory in map(_bench_cells, fig.get("rows", []))]
     return out
 
 
