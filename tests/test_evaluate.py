@@ -272,7 +272,7 @@ def test_checkpoint_lookup_order_flag_env_cache(tmp_path, monkeypatch):
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
     (torch_home / "hub" / "checkpoints" / mw.CHECKPOINTS["utmos"].filename).write_bytes(b"x")
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    monkeypatch.setattr(mw, "_hub_cached", lambda repo, filename: str(files["hub.model"])
+    monkeypatch.setattr(mw.weights, "hub_cached", lambda repo, filename: str(files["hub.model"])
                         if (repo, filename) == ("lithiumice/syncnet", "syncnet_v2.model") else None)
     env = {"SYNCNET_CKPT": str(files["env.model"])}
 
@@ -319,7 +319,7 @@ def no_metric_weights(monkeypatch, tmp_path, no_env):
         monkeypatch.delenv(c.env, raising=False)
     monkeypatch.delenv(mw.ASR_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    monkeypatch.setattr(mw, "_hub_cached", lambda repo_id, filename: None)
+    monkeypatch.setattr(mw.weights, "hub_cached", lambda repo_id, filename: None)
 
     def no_load(self, name, device):
         raise AssertionError(f"{name} loaded although a checkpoint is missing")
