@@ -173,6 +173,11 @@ def load_motion_file(path) -> torch.Tensor:
         except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a motion file"
             raise ValueError(f"{path}: not a motion file (torch.load weights_only=True failed: "
                              f"{type(e).__name__})") from None
+    return checked_motion(obj, path)
+
+
+def checked_motion(obj, path) -> torch.Tensor:
+    """What a motion file held as (T, 40) float32 raw motion; ValueError naming the file otherwise."""
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: expected a (frames, {MOTION_DIM}) tensor, found a {type(obj).__name__}")
     if obj.dim() != 2 or obj.shape[1] != MOTION_DIM or obj.shape[0] == 0:

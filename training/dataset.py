@@ -42,6 +42,7 @@ from media.audio import load_audio, log_mel_spectrogram, resample
 from common.constants import (CODEC_SAMPLE_RATE, FPS, MAX_FRAMES, MAX_SECONDS, MOTION_DIM, SAMPLES_PER_FRAME,
                        SAMPLES_PER_FRAME_16K, WHISPER_SAMPLE_RATE)
 from common.motion_stats import normalize_motion
+from runtime.inputs import checked_motion
 from runtime.prompt import SPEECH_TOKEN, add_placeholder_tokens, build_chat_and_spans, control_tokens_in
 from common.safe_load import safe_torch_load
 
@@ -245,16 +246,10 @@ def load_motion(path: str) -> torch.Tensor:
             raise SampleError(f"{path}: no readable motion_raw tensor ({type(e).__name__})") from None
     else:
         obj = safe_torch_load(path, "motion file")
-    if not isinstance(obj, torch.Tensor):
-        raise SampleError(f"{path}: expected a (frames, {MOTION_DIM}) tensor, found a {type(obj).__name__}")
-    if obj.dim() != 2 or obj.shape[1] != MOTION_DIM or obj.shape[0] == 0:
-        raise SampleError(f"{path}: expected a (frames, {MOTION_DIM}) motion tensor, got shape {tuple(obj.shape)}")
-    if not obj.is_floating_point():
-        raise SampleError(f"{path}: motion must be floating point, got {obj.dtype}")
-    motion = obj.detach().float()
-    if not torch.isfinite(motion).all():
-        raise SampleError(f"{path}: motion contains NaN or infinite values")
-    return motion
+    try:
+        return checked_motion(obj, path)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
 
 
 def read_text(row: Row) -> str:
