@@ -6,8 +6,8 @@
     python app.py --host 0.0.0.0 --port 8080   # serve the local network (--share: a public gradio.live link)
 
 The models load once at start-up. One generation runs at a time (the device is shared) behind a bounded
-queue whose position the page shows. Requests are checked through the request schema (request.py) and
-pipeline.preflight and fail with the one-line message infer.py prints, the field named as the API names it
+queue whose position the page shows. Requests are checked through the request schema (runtime/request.py) and
+runtime.inputs.preflight and fail with the one-line message infer.py prints, the field named as the API names it
 (`cfm_steps: must be in [1, 1000], got 0`). A text may hold at most --max-text-seconds of estimated speech.
 A request nobody waits for any more (cancelled through the API, its client gone, its page closed, the server
 stopping) stops at its next patch or rendered batch and leaves no file. Each browser session's files live in a
@@ -70,7 +70,7 @@ TABS = {
     "tts": ("Text to speech", "Speech only, in the reference voice (a wav).", (("text",), ("ref_audio",))),
 }
 # The page's own words for its inputs and options, where the schema's help speaks of the CLI (flags, files,
-# other modes): {field: text, or {mode: text}} (request.py's help is used for the other options).
+# other modes): {field: text, or {mode: text}} (runtime/request.py's help is used for the other options).
 LABELS = {"text": {"a2v": "transcript (optional)"}, "ref_audio": "reference voice",
           "audio": "driving audio (kept unchanged in the result)", "video": "video to dub (its frames are kept)",
           "ref_video": {"v2a": "reference motion: a video of the speaker (it prompts the model; it is not shown)",
