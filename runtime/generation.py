@@ -22,8 +22,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from common.constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES, STOP_PATIENCE,
-                       STOP_THRESHOLD)
+from common.constants import (FPS, MAX_SECONDS, PATCH_SIZE, RELEASED_CAP_MARGIN_PATCHES, STOP_MIN_PATCHES,
+                              STOP_PATIENCE, STOP_THRESHOLD)
 from runtime.loop_steps import loop_steps
 from runtime.prompt import Prompt, build_prompt, n_placeholders
 from speech_llm import check_frames, to_patches

@@ -491,7 +491,8 @@ class TalkerPipeline:
             self._stage_done(release)
         return Run(req, paths, inputs, windows, long_form, timings)
 
-    def finish(self, run: Run, out: GenerationOutput, progress: Progress = True, write: bool = True) -> GenerationResult:
+    def finish(self, run: Run, out: GenerationOutput, progress: Progress = True,
+               write: bool = True) -> GenerationResult:
         """The run's result from the loop's output: the mode's outputs assembled (decoded), checked, and
         written to run.paths all-or-nothing unless write=False."""
         req, inputs = run.request, run.inputs
@@ -562,37 +563,44 @@ class TalkerPipeline:
         check_count("batch_size", batch_size)
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        runs, outs = [], {}
-        for request in requests:
-            try:
-                runs.append(self.start(request, progress, release=None))
-            except (ValueError, OSError) as e:
-                if errors == "raise":
-                    raise
-                runs.append(e)
-        rows = [(n, longform.window_row(self, run, run.windows[0], generator=longform.noise_generator(self, run.request)))
-                for n, run in enumerate(runs) if isinstance(run, Run) and not run.long_form]
+        runs = [_attempt(errors, self.start, request, progress, release=None) for request in requests]
+        outs = self._batched_loops({n: run for n, run in enumerate(runs) if isinstance(run, Run)}, batch_size)
+        results = []
+        for n, run in enumerate(runs):
+            if isinstance(run, Run):  # batched, or alone (long-form)
+                run = _attempt(errors, lambda: self.finish(run, outs.get(n) or self.loop(run, progress), progress))
+            results.append(run)
+        return results
+
+    def _batched_loops(self, runs: dict, batch_size: int) -> dict:
+        """{n: GenerationOutput} of the single-window runs {n: Run}, as rows of loops of up to batch_size rows
+        with one batch_key (each row its own noise generator, seeded as its lone run)."""
         groups = {}
-        for n, row in rows:
-            groups.setdefault(batch_key(row), []).append((n, row))
+        for n, run in runs.items():
+            if not run.long_form:
+                row = longform.window_row(self, run, run.windows[0],
+                                          generator=longform.noise_generator(self, run.request))
+                groups.setdefault(batch_key(row), []).append((n, row))
+        outs = {}
         for members in groups.values():
             for lo in range(0, len(members), batch_size):
                 chunk = members[lo:lo + batch_size]
                 t0 = time.perf_counter()
-                for (n, _), out in zip(chunk, run_rows(self.llm, [row for _, row in chunk])):
-                    outs[n] = out
+                outs.update(zip([n for n, _ in chunk], run_rows(self.llm, [row for _, row in chunk])))
+                for n, _ in chunk:
                     runs[n].timings["generate"] = time.perf_counter() - t0  # the batch's loop, shared
-        results = []
-        for n, run in enumerate(runs):
-            try:
-                if not isinstance(run, Run):
-                    raise run
-                results.append(self.finish(run, outs[n] if n in outs else self.loop(run, progress), progress))
-            except (ValueError, OSError) as e:
-                if errors == "raise":
-                    raise
-                results.append(e)
-        return results
+        return outs
+
+
+def _attempt(errors: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs); with errors="return" a ValueError / OSError (a request's own failure) is returned
+    instead of raised."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, OSError) as e:
+        if errors == "raise":
+            raise
+        return e
 
 
 class EncodingCache:
