@@ -79,8 +79,8 @@ def test_summary_reports_each_step(tmp_path):
     t2av = {"loop_ms_per_patch": 41.5, "render_ms_per_frame": 12.25, "peak_gpu_gib": 9.87, "n_patches": 25,
             "captured_vs_eager": {"loop_ms_per_patch": 120.0, "speedup_captured_over_eager": 2.89,
                                   "speech_latents_rel_err": 1e-3, "motion_rel_err": 2e-3}}
-    bench = {"rows": [{"stage": "llm (full)", "what": "T2AV AR loop, cuda_graphs", "value": "40.0 ms/patch",
-                       "memory": "GPU peak 3.1 GiB"}]}
+    bench = {"rows": [{"stage": "llm (full)", "what": "T2AV AR loop, cuda_graphs", "value": 40.0,
+                       "unit": "ms/patch", "decimals": 1, "memory": "GPU peak 3.1 GiB"}]}  # bench.Row fields
     _step_files(work, [("cuda", 0, 3.2, 60, ""), ("modules", 0, 4.0, 90, ""), ("t2av", 0, 80.5, 210, ""),
                        ("train", 1, 20.0, 100, ""), ("bench_loop", 0, 50.0, 150, ""),
                        ("bench_liax", 124, 100.0, 100, ""), ("bench_train", "-", 0, 150, "out of budget (5 s left)")],
